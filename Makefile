@@ -1,0 +1,59 @@
+# sfd-fast: `make demo` (digits default end to end) and `make test` (CPU test tier).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A bare `pip install torch` on a machine without a GPU pulls a multi-GB CUDA build: install the
+# CPU build first there. TORCH_INDEX may name a CPU wheel index (e.g. https://download.pytorch.org/whl/cpu)
+# on machines whose pip cannot already find one.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+DEMO_CONFIG ?= configs/digits_forget0.json
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv install install-test bench clean-demo help
+
+help:
+	@echo "make demo    create $(VENV), install, run the digits default end to end, print the metrics"
+	@echo "make test    install the test extras and run the CPU test tier"
+	@echo "make bench   run the throughput benchmarks (pytest bench/)"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(VENV)/bin/python
+ifeq ($(HAS_GPU),1)
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+else
+	$(PIP) install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	@$(PY) -c "import torch,sys; v=torch.__version__; print('torch', v); sys.exit(0 if (not torch.version.cuda) else 'expected a CPU build of torch on a machine without a GPU, got ' + v)"
+endif
+	touch $@
+
+$(VENV)/.installed: setup.py $(VENV)/.torch
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.py $(VENV)/.installed
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) sfd_fast/train.py --config $(DEMO_CONFIG)
+	@$(PY) -c "import json; m=json.load(open('runs/digits_forget0/eval.json')); \
+	print('\n== digits demo (forget 0, override 1) =='); \
+	[print(f'{k:>20s}: {m[k]:.4f}') for k in ('ua','retained_accuracy','fd_final','fd_init','fd_teacher','classifier_accuracy')]; \
+	print('eval.json : runs/digits_forget0/eval.json'); print('grid      : runs/digits_forget0/samples_final.png (one row per digit 0-9)')"
+
+clean-demo:
+	rm -rf runs/digits_forget0
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest tests -m "not gpu" $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(PY) -m pytest bench $(PYTEST_ARGS)

@@ -1,0 +1,21 @@
+from setuptools import setup
+
+# torch is deliberately not pinned to a build here: the Makefile installs the CPU build on machines
+# without a GPU before installing this package (a bare `pip install torch` pulls a multi-GB CUDA build).
+setup(
+    name="sfd-fast",
+    version="0.1.0",
+    description="Fast Score Forgetting Distillation: data-free unlearning + one-step distillation of diffusion models",
+    python_requires=">=3.10",
+    packages=["sfd_fast", "sfd_fast.models", "sfd_fast.data", "sfd_fast.evaluation", "sfd_fast.compat",
+              "sfd_fast.kernels"],
+    package_dir={"sfd_fast": "sfd_fast", "sfd_fast.kernels": "kernels"},
+    install_requires=["torch>=2.4", "diffusers>=0.30", "transformers>=4.40", "safetensors>=0.4", "numpy",
+                      "scipy", "scikit-learn", "tqdm", "pillow"],
+    extras_require={
+        "gpu": ["triton", "xformers", "bitsandbytes", "nvidia-ml-py"],
+        "dist": ["deepspeed==0.19.8"],
+        "test": ["pytest", "pytest-benchmark", "triton"],
+    },
+    entry_points={"console_scripts": ["sfd-fast=sfd_fast.cli:main"]},
+)

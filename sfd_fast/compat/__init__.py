@@ -1,0 +1,1 @@
+"""Drop-in functions with the signatures of the reference SFD/SiD codebases (spec §6)."""

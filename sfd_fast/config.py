@@ -1,0 +1,299 @@
+"""Typed run configuration with a strict JSON loader.
+
+One dataclass per concern. `load_config(path, overrides)` reads JSON, applies `--set a.b=value`
+overrides, rejects unknown keys (naming the key and the file), checks types, then `validate()`
+checks values, all before any model is built or any file is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the file and says what to do."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"                 # run directory name under root (a numbered suffix is never added)
+    root: str = "runs"                # run root; caches (e.g. the pretrained digits teacher) live here
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class ScheduleConfig:
+    beta_schedule: str = "linear"     # linear (DDPM) | scaled_linear (Stable Diffusion)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_timesteps: int = 1000
+    prediction: str = "epsilon"       # epsilon | v_prediction
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "digits"              # digits | stable_diffusion
+    teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
+    generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
+    hidden: int = 384                 # digits MLP width
+    blocks: int = 4                   # digits MLP residual blocks
+    pretrained: str = ""              # stable_diffusion: diffusers folder or hub id
+    trust_pickle: bool = False        # allow loading a pickled {"ema": UNet} generator
+
+
+@dataclass
+class SFDConfig:
+    alpha: float = 1.2
+    t_init: int = 440
+    t_min: int = 38
+    t_max: int = 712                  # t ~ U{t_min, ..., t_max - 1}
+    num_classes: int = 10
+    forget_class: int = 0
+    override: str = "fixed"           # fixed | random (a uniform class other than forget_class)
+    override_class: int = 1
+    sg_remain_coef: float = 1.0
+    sg_forget_coef: float = 1.0
+    g_remain_coef: float = 1.0
+    g_forget_coef: float = 1.0
+    cfg_train_fake: float = 1.0       # kappa1: fake score in its own loss
+    cfg_eval_fake: float = 1.0        # kappa2: fake score inside the generator loss
+    cfg_eval_real: float = 1.0        # kappa4: teacher inside the generator loss
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    betas: list = field(default_factory=lambda: [0.0, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_value: Optional[float] = None   # clip_grad_value_ (the DDPM reference uses 1.0)
+
+
+@dataclass
+class OptimConfig:
+    fake_score: OptimizerConfig = field(default_factory=OptimizerConfig)
+    generator: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class EMAConfig:
+    halflife_kimg: float = 0.0        # > 0: SiD-style half-life with ramp-up
+    rampup_ratio: Optional[float] = 0.05
+    decay: Optional[float] = None     # fixed per-step decay (DDPM reference: 0.9999); overrides halflife
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64              # remain samples per step (as many forget samples ride along)
+    grad_accum: int = 1
+    total_steps: int = 1000
+    log_every: int = 100              # a tick: status line + stats.jsonl (the only host syncs)
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    progress: bool = True             # tqdm bar (only on a terminal)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "plain"            # plain (single process)
+    precision: str = "fp32"           # fp32 | bf16 (autocast compute, fp32 master weights)
+    compile: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    """Digits teacher (class-conditional DDPM) and classifier pretraining."""
+    steps: int = 8000
+    batch_size: int = 256
+    lr: float = 1e-3
+    cond_drop_prob: float = 0.1
+    classifier_epochs: int = 300
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    samples_per_class: int = 200
+    teacher_steps: int = 50
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sfd: SFDConfig = field(default_factory=SFDConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# strict loading
+# ---------------------------------------------------------------------------------------------------
+
+def _check_type(value, tp, key: str, source: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], key, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if tp in (int, float, str, bool, list) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.')}' must be an object, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key.startswith("_"):  # "_comment" keys are allowed for documentation
+            continue
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown config key '{prefix}{key}'. Known keys in "
+                f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _check_type(value, tp, f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.total_steps=100")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a JSON config (or the defaults), apply overrides, check keys, types and values."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing JSON file to --config")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with --set overrides)"
+    cfg = _build(Config, data, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Value checks that must stop a run before it starts."""
+    def bad(key, msg):
+        raise ConfigError(f"{source}: '{key}' {msg}")
+
+    s, t, sch = cfg.sfd, cfg.train, cfg.schedule
+    if cfg.model.kind not in ("digits", "stable_diffusion"):
+        bad("model.kind", f"must be 'digits' or 'stable_diffusion', got {cfg.model.kind!r}")
+    if sch.beta_schedule not in ("linear", "scaled_linear"):
+        bad("schedule.beta_schedule", f"must be 'linear' or 'scaled_linear', got {sch.beta_schedule!r}")
+    if sch.prediction not in ("epsilon", "v_prediction"):
+        bad("schedule.prediction", f"must be 'epsilon' or 'v_prediction', got {sch.prediction!r}")
+    if sch.num_timesteps <= 1:
+        bad("schedule.num_timesteps", "must be > 1")
+    if not 0 <= s.t_min < s.t_max <= sch.num_timesteps:
+        bad("sfd.t_min/t_max", f"need 0 <= t_min < t_max <= {sch.num_timesteps}, got {s.t_min}, {s.t_max}")
+    if not 0 <= s.t_init < sch.num_timesteps:
+        bad("sfd.t_init", f"must be in [0, {sch.num_timesteps}), got {s.t_init}")
+    if cfg.model.kind == "digits":
+        if s.num_classes < 2:
+            bad("sfd.num_classes", "must be >= 2")
+        if not 0 <= s.forget_class < s.num_classes:
+            bad("sfd.forget_class", f"must be a class in [0, {s.num_classes}), got {s.forget_class}")
+        if s.override not in ("fixed", "random"):
+            bad("sfd.override", f"must be 'fixed' or 'random', got {s.override!r}")
+        if s.override == "fixed":
+            if not 0 <= s.override_class < s.num_classes:
+                bad("sfd.override_class", f"must be a class in [0, {s.num_classes}), got {s.override_class}")
+            if s.override_class == s.forget_class:
+                bad("sfd.override_class", f"equals sfd.forget_class ({s.forget_class}); the override must be "
+                    "a different, safe class (or set sfd.override to 'random')")
+        if cfg.model.teacher != "auto" and not Path(cfg.model.teacher).exists():
+            bad("model.teacher", f"points to {cfg.model.teacher}, which does not exist; give an existing "
+                "teacher checkpoint or 'auto' to pretrain one")
+    for k in ("sg_remain_coef", "sg_forget_coef", "g_remain_coef", "g_forget_coef"):
+        if getattr(s, k) < 0:
+            bad(f"sfd.{k}", "must be >= 0")
+    for k in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real"):
+        if getattr(s, k) <= 0:
+            bad(f"sfd.{k}", "must be > 0 (1 disables guidance)")
+    if cfg.model.generator_init != "teacher" and not Path(cfg.model.generator_init).exists():
+        bad("model.generator_init", f"points to {cfg.model.generator_init}, which does not exist; "
+            "use 'teacher' or an existing generator checkpoint")
+    if t.batch_size <= 0:
+        bad("train.batch_size", f"must be a positive integer, got {t.batch_size}")
+    if t.grad_accum <= 0:
+        bad("train.grad_accum", f"must be a positive integer, got {t.grad_accum}")
+    if t.batch_size % t.grad_accum:
+        bad("train.grad_accum", f"({t.grad_accum}) must divide train.batch_size ({t.batch_size})")
+    if t.total_steps <= 0:
+        bad("train.total_steps", "must be positive")
+    for k in ("log_every", "checkpoint_every", "sample_every"):
+        if getattr(t, k) <= 0:
+            bad(f"train.{k}", "must be positive")
+    for role in ("fake_score", "generator"):
+        o: OptimizerConfig = getattr(cfg.optim, role)
+        if not o.lr > 0:
+            bad(f"optim.{role}.lr", f"must be a positive number, got {o.lr}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            bad(f"optim.{role}.betas", f"must be two numbers in [0, 1), got {o.betas}")
+        if o.grad_clip_value is not None and o.grad_clip_value <= 0:
+            bad(f"optim.{role}.grad_clip_value", "must be positive or null")
+    e = t.ema
+    if e.decay is not None and not 0 <= e.decay < 1:
+        bad("train.ema.decay", "must be in [0, 1) or null")
+    if e.halflife_kimg < 0:
+        bad("train.ema.halflife_kimg", "must be >= 0")
+    if cfg.engine.backend not in ("plain",):
+        bad("engine.backend", f"must be 'plain', got {cfg.engine.backend!r}")
+    if cfg.engine.precision not in ("fp32", "bf16"):
+        bad("engine.precision", f"must be 'fp32' or 'bf16', got {cfg.engine.precision!r}")
+    if cfg.eval.samples_per_class <= 0:
+        bad("eval.samples_per_class", "must be positive")

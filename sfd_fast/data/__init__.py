@@ -1,0 +1,1 @@
+"""Prompt data: prompt-file readers, forget/remain prompt sets and context dropout."""

@@ -1,0 +1,1 @@
+"""Evaluation: unlearning accuracy, Frechet distance, sample grids."""

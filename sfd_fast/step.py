@@ -1,0 +1,101 @@
+"""The SFD step: a fake-score update, then a generator update (reference/sfd_spec.md §1a, §1b).
+
+Remain and forget rows run in ONE batch per network, with per-row conditions (tasks.py) and per-row
+loss coefficients. Normalisation follows the reference: each branch's loss is a sum over its rows
+divided by the per-step branch batch (`denom`), times the branch coefficient, so
+
+    loss = sum_i coef_i * L_i / denom
+
+equals coef_r * L_remain + coef_f * L_forget of the reference's separate passes.
+
+Nothing here syncs with the host: non-finite rows are masked with torch.where, and the per-branch
+statistics stay on the device until the trainer's log tick.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .denoisers import Denoiser
+from .generator import OneStepGenerator
+from .losses import fake_score_loss, generator_loss, masked_weighted_sum
+from .schedules import VPSchedule
+from .tasks import PhaseConditions
+
+# index layout of the per-phase statistics vector (kept on device, summed over a tick)
+STAT_REMAIN_SUM, STAT_REMAIN_N, STAT_FORGET_SUM, STAT_FORGET_N, STAT_NONFINITE = range(5)
+NUM_STATS = 5
+
+
+@dataclass
+class PhaseDraws:
+    """Every random input of one phase's micro-batch, drawn from the trainer's generator."""
+    z: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    cond: PhaseConditions
+    coef: torch.Tensor
+
+
+def draw_phase(task, rng: torch.Generator, n_remain: int, n_forget: int, sample_shape: tuple,
+               t_min: int, t_max: int, remain_coef: float, forget_coef: float, device,
+               phase: str) -> PhaseDraws:
+    """Draw conditions, z, noise and t in a fixed order (so a step can be replayed exactly)."""
+    cond = task.draw(n_remain, n_forget, rng, device, phase)
+    n = n_remain + n_forget
+    z = torch.randn((n, *sample_shape), generator=rng, device=device)
+    noise = torch.randn((n, *sample_shape), generator=rng, device=device)
+    t = torch.randint(t_min, t_max, (n,), generator=rng, device=device)
+    coef = torch.where(cond.is_forget, torch.tensor(forget_coef, device=device),
+                       torch.tensor(remain_coef, device=device))
+    return PhaseDraws(z, noise, t, cond, coef)
+
+
+def phase_stats(per_row: torch.Tensor, is_forget: torch.Tensor) -> torch.Tensor:
+    """(remain_sum, remain_n, forget_sum, forget_n, nonfinite_rows) on device, for logging."""
+    finite = torch.isfinite(per_row)
+    safe = torch.where(finite, per_row, torch.zeros_like(per_row)).detach()
+    remain = (~is_forget) & finite
+    forget = is_forget & finite
+    return torch.stack([
+        (safe * remain).sum(), remain.sum().float(),
+        (safe * forget).sum(), forget.sum().float(),
+        (~finite).sum().float(),
+    ])
+
+
+def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule: VPSchedule,
+                     draws: PhaseDraws, guidance: float, denom: float):
+    """Denoising score matching of the fake score on stop-gradient generator samples.
+
+    Returns (loss to backpropagate, per-phase stats)."""
+    c = draws.cond
+    with torch.no_grad():
+        x_g = generator(draws.z, c.generator_cond)
+    x_t = schedule.add_noise(x_g, draws.noise, draws.t)
+    prediction = fake_score.output(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance)
+    target = schedule.target(x_g, draws.noise, draws.t)
+    per_row = fake_score_loss(prediction, target)
+    loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
+    return loss, phase_stats(per_row, c.is_forget)
+
+
+def generator_phase(generator: OneStepGenerator, fake_score_view, teacher: Denoiser,
+                    schedule: VPSchedule, draws: PhaseDraws, alpha: float,
+                    guidance_fake: float, guidance_real: float, denom: float,
+                    loss_fn: Callable = generator_loss):
+    """SiD generator loss through the fake score and the frozen teacher (neither detached).
+
+    `fake_score_view` evaluates the fake score with detached weights (denoisers.FrozenView), so
+    the backward through it reaches x_t (and so G) but accumulates no fake-score gradients.
+    `loss_fn` is the reference `losses.generator_loss` or a fused kernel with its signature."""
+    c = draws.cond
+    x_g = generator(draws.z, c.generator_cond)
+    x_t = schedule.add_noise(x_g, draws.noise, draws.t)
+    y_fake = fake_score_view.x0(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance_fake)
+    y_real = teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, guidance_real)
+    per_row = loss_fn(x_g, y_real, y_fake, alpha)
+    loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
+    return loss, phase_stats(per_row, c.is_forget)

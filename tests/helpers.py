@@ -1,0 +1,35 @@
+"""Small builders shared by the CPU tests."""
+import json
+from pathlib import Path
+
+import torch
+
+from sfd_fast.checkpoint import save_safetensors_atomic
+from sfd_fast.models.digits import DigitsEpsMLP
+
+
+def random_digits_teacher(path: Path, hidden=32, blocks=1, seed=0) -> Path:
+    torch.manual_seed(seed)
+    net = DigitsEpsMLP(10, hidden, blocks)
+    save_safetensors_atomic(net.state_dict(), Path(path))
+    return Path(path)
+
+
+def tiny_digits_config(tmp_path: Path, **sections) -> Path:
+    """A digits config that trains in well under a second per step (random teacher, no eval)."""
+    teacher = random_digits_teacher(tmp_path / "teacher.safetensors")
+    cfg = {
+        "run": {"name": "tiny", "root": str(tmp_path / "runs"), "seed": 3, "device": "cpu"},
+        "model": {"kind": "digits", "teacher": str(teacher), "hidden": 32, "blocks": 1},
+        "sfd": {"alpha": 1.2, "t_init": 440, "t_min": 38, "t_max": 712, "forget_class": 0,
+                "override_class": 1},
+        "optim": {"fake_score": {"lr": 1e-3}, "generator": {"lr": 1e-3}},
+        "train": {"batch_size": 8, "total_steps": 6, "log_every": 2, "checkpoint_every": 3,
+                  "sample_every": 3, "progress": False},
+        "eval": {"enabled": False},
+    }
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path

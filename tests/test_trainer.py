@@ -1,0 +1,111 @@
+"""Trainer: exact resume, NaN-robust updates, atomic checkpoints, run artefacts."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sfd_fast import checkpoint as ckpt_mod
+from sfd_fast import train
+from sfd_fast.checkpoint import latest_checkpoint, load_checkpoint
+from sfd_fast.config import load_config
+from sfd_fast.digits_run import build_digits_parts
+from sfd_fast.trainer import SFDTrainer
+
+from .helpers import tiny_digits_config
+
+
+def _final_weights(run_dir):
+    ck = latest_checkpoint(run_dir)
+    return {name: load_file(str(ck / f"{name}.safetensors")) for name in ("generator", "fake_score")}, ck
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg_path = tiny_digits_config(tmp_path, train={"total_steps": 6, "grad_accum": 2,
+                                                   "ema": {"halflife_kimg": 0.01}})
+    full = tmp_path / "full"
+    part = tmp_path / "part"
+    train.main(["--config", str(cfg_path), "--run-dir", str(full)])
+    train.main(["--config", str(cfg_path), "--run-dir", str(part), "--set", "train.total_steps=3"])
+    train.main(["--resume", str(part), "--set", "train.total_steps=6"])
+    (w_full, ck_full), (w_part, ck_part) = _final_weights(full), _final_weights(part)
+    assert ck_full.name == ck_part.name == "step-00000006"
+    for role in w_full:
+        for k in w_full[role]:
+            assert torch.equal(w_full[role][k], w_part[role][k]), (role, k)
+    ema_a = load_file(str(ck_full / "generator_ema.safetensors"))
+    ema_b = load_file(str(ck_part / "generator_ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    oa, ob = load_checkpoint(ck_full)["optim"], load_checkpoint(ck_part)["optim"]
+    for role in oa:
+        assert all(torch.equal(oa[role][k], ob[role][k]) for k in oa[role])
+
+
+def test_run_artifacts(tmp_path):
+    cfg_path = tiny_digits_config(tmp_path)
+    out = train.main(["--config", str(cfg_path)])
+    run_dir = tmp_path / "runs" / "tiny"
+    assert out["run_dir"] == str(run_dir)
+    stats = [json.loads(l) for l in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [2, 4, 6]
+    assert all(s["samples_per_s"] > 0 and s["skipped_updates/generator"] == 0 for s in stats)
+    assert (run_dir / "samples" / "step-00000000.png").is_file()
+    assert (run_dir / "samples" / "step-00000006.png").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["train"]["total_steps"] == 6
+
+
+def _trainer(tmp_path):
+    cfg = load_config(tiny_digits_config(tmp_path))
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    return SFDTrainer(cfg, build_digits_parts(cfg), run_dir, torch.device("cpu"))
+
+
+def test_nan_injected_step_leaves_weights_unchanged_and_is_counted(tmp_path):
+    tr = _trainer(tmp_path)
+    tr.train_step()  # a normal step first, so the optimizer has state
+    before_g = {k: v.clone() for k, v in tr.generator.state_dict().items()}
+    before_f = {k: v.clone() for k, v in tr.fake_score.state_dict().items()}
+    orig_draw = tr._draw
+
+    def nan_draw(phase, *a):
+        d = orig_draw(phase, *a)
+        d.z[1] = float("nan")  # one poisoned row in both phases
+        return d
+
+    tr._draw = nan_draw
+    tr.train_step()
+    for k, v in tr.generator.state_dict().items():
+        assert torch.isfinite(v).all() and torch.equal(v, before_g[k]), k
+    for k, v in tr.fake_score.state_dict().items():
+        assert torch.isfinite(v).all() and torch.equal(v, before_f[k]), k
+    assert tr.skipped.tolist() == [1.0, 1.0]
+    tr._draw = orig_draw
+    tr.train_step()  # training goes on normally afterwards
+    assert tr.skipped.tolist() == [1.0, 1.0]
+    assert any(not torch.equal(v, before_g[k]) for k, v in tr.generator.state_dict().items())
+
+
+def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
+    tr = _trainer(tmp_path)
+    tr.train_step()
+    first = tr.save()
+    tr.train_step()
+    calls = {"n": 0}
+    real_save = ckpt_mod.save_file
+
+    def dying_save(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    monkeypatch.setattr(ckpt_mod, "save_file", real_save)
+    latest = latest_checkpoint(tr.run_dir)
+    assert latest == first
+    ck = load_checkpoint(latest)
+    assert ck["state"]["step"] == 1
+    assert set(ck["weights"]) >= {"generator", "fake_score"}
