@@ -101,9 +101,33 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = "plain"            # plain (single process)
+    backend: str = "plain"            # plain (single process) | deepspeed (ZeRO engines)
     precision: str = "fp32"           # fp32 | bf16 (autocast compute, fp32 master weights)
-    compile: bool = False
+    compile: bool = False             # torch.compile the per-network graphs
+    kernels: str = "auto"             # auto | torch | triton  (the fused SFD loss)
+    attention: str = "sdpa"           # sdpa | xformers | auto
+    activation_checkpointing: bool = False
+    optimizer: str = "adam"           # adam | adam8bit (bitsandbytes)
+    zero_stage: int = 0               # deepspeed only: 0-3
+    deepspeed_config: str = ""        # optional JSON file merged over the generated DeepSpeed dict
+
+
+@dataclass
+class PromptsConfig:
+    """Stable Diffusion concept forgetting (spec §1b, §4.3)."""
+    remain_file: str = "configs/prompts/remain_default.txt"
+    forget_file: str = ""
+    val_file: str = ""
+    concept_to_forget: str = ""
+    concept_to_override: str = ""
+    override_file: str = ""
+    pos_file: str = ""
+    neg_file: str = ""
+    use_neg: list = field(default_factory=lambda: [False, False, True])  # (kappa1, kappa2, kappa4)
+    sid_w_neg: bool = False
+    sg_w_override: bool = False
+    context_dropout: float = 0.1      # fake-score training only, when its guidance is not 1
+    resolution: int = 512
 
 
 @dataclass
@@ -134,6 +158,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -291,9 +316,22 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.ema.decay", "must be in [0, 1) or null")
     if e.halflife_kimg < 0:
         bad("train.ema.halflife_kimg", "must be >= 0")
-    if cfg.engine.backend not in ("plain",):
-        bad("engine.backend", f"must be 'plain', got {cfg.engine.backend!r}")
-    if cfg.engine.precision not in ("fp32", "bf16"):
-        bad("engine.precision", f"must be 'fp32' or 'bf16', got {cfg.engine.precision!r}")
+    validate_engine(cfg, bad)
     if cfg.eval.samples_per_class <= 0:
         bad("eval.samples_per_class", "must be positive")
+
+
+def validate_engine(cfg: Config, bad) -> None:
+    e = cfg.engine
+    if e.backend not in ("plain", "deepspeed"):
+        bad("engine.backend", f"must be 'plain' or 'deepspeed', got {e.backend!r}")
+    if e.precision not in ("fp32", "bf16"):
+        bad("engine.precision", f"must be 'fp32' or 'bf16', got {e.precision!r}")
+    if e.kernels not in ("auto", "torch", "triton"):
+        bad("engine.kernels", f"must be 'auto', 'torch' or 'triton', got {e.kernels!r}")
+    if e.attention not in ("sdpa", "xformers", "auto"):
+        bad("engine.attention", f"must be 'sdpa', 'xformers' or 'auto', got {e.attention!r}")
+    if e.optimizer not in ("adam", "adam8bit"):
+        bad("engine.optimizer", f"must be 'adam' or 'adam8bit', got {e.optimizer!r}")
+    if not 0 <= e.zero_stage <= 3:
+        bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")

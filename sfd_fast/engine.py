@@ -42,3 +42,11 @@ def make_adam(params, lr, betas, eps, weight_decay, device: torch.device) -> tor
     sync (optimizer state and weights are left exactly unchanged)."""
     return torch.optim.Adam(list(params), lr=lr, betas=tuple(betas), eps=eps,
                             weight_decay=weight_decay, fused=True)
+
+
+def select_generator_loss(engine_cfg, device: torch.device):
+    """The SFD generator-loss implementation: the plain-torch reference for now ('torch'/'auto')."""
+    from .losses import generator_loss
+    if engine_cfg.kernels == "triton":
+        raise RuntimeError("engine.kernels='triton' is not wired into the trainer yet")
+    return generator_loss

@@ -30,9 +30,8 @@ from tqdm import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint
 from .config import Config
 from .denoisers import Denoiser, FrozenView
-from .engine import autocast_context, make_adam
+from .engine import autocast_context, make_adam, select_generator_loss
 from .generator import OneStepGenerator
-from .losses import generator_loss
 from .step import (NUM_STATS, STAT_FORGET_N, STAT_FORGET_SUM, STAT_NONFINITE, STAT_REMAIN_N,
                    STAT_REMAIN_SUM, draw_phase, fake_score_phase, generator_phase)
 
@@ -67,9 +66,10 @@ def grads_nonfinite_flag(params: list[torch.Tensor]) -> torch.Tensor:
 
 class SFDTrainer:
     def __init__(self, cfg: Config, parts: RunParts, run_dir: Path, device: torch.device,
-                 generator_loss_fn: Callable = generator_loss):
+                 generator_loss_fn: Callable | None = None):
         self.cfg, self.parts, self.run_dir, self.device = cfg, parts, Path(run_dir), device
-        self.loss_fn = generator_loss_fn
+        # the generator-loss implementation (reference torch, or a fused kernel): engine.py decides
+        self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
         s, t = cfg.sfd, cfg.train
         # 1. networks: the teacher is frozen once, here, and never toggled
         self.teacher = parts.teacher.to(device).eval().requires_grad_(False)
