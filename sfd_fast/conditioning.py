@@ -49,6 +49,10 @@ class TextEncoderCache:
         return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                               truncation=True, return_tensors="pt").input_ids
 
+    def warn_if_truncated(self, prompts) -> None:
+        """Warn now (once per prompt) about prompts longer than max_length, e.g. before training."""
+        self._warn_truncation(list(prompts))
+
     def _warn_truncation(self, prompts) -> None:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._warned]
         if not todo:

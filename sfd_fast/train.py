@@ -60,7 +60,10 @@ def build_parts(cfg):
             from sfd_fast.sd_run import build_sd_parts
         except ImportError as e:
             raise SystemExit(f"model.kind 'stable_diffusion' is not available in this build ({e})")
-        return build_sd_parts(cfg)
+        try:
+            return build_sd_parts(cfg)
+        except (FileNotFoundError, ValueError) as e:  # bad model / prompt inputs: a message, not a traceback
+            raise SystemExit(f"error: {e}") from None
     raise SystemExit(f"unknown model.kind {cfg.model.kind!r}")
 
 
@@ -85,29 +88,45 @@ def main(argv=None) -> dict:
         if world > 1 and cfg.engine.backend == "plain":
             raise ConfigError(f"launched with WORLD_SIZE={world}, but engine.backend is 'plain' (one process); "
                               "run with a single process")
-    except ConfigError as e:
+        distributed = cfg.engine.backend == "deepspeed"
+        from sfd_fast.distributed import preflight
+        preflight(cfg)  # explicit requests (deepspeed, adam8bit, xformers, world/batch) fail here
+    except (ConfigError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
 
     from sfd_fast.engine import resolve_device
     from sfd_fast.trainer import SFDTrainer
     import torch
 
-    device = resolve_device(cfg.run.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
+    rank0 = True
+    if distributed:  # DeepSpeed: process group first (gloo on CPU, nccl on CUDA); rank-0-only writes
+        from sfd_fast.distributed import DeepSpeedTrainer, barrier, init_distributed
+        device = init_distributed(cfg)
+        rank0 = torch.distributed.get_rank() == 0
+        if not rank0:
+            logging.getLogger("sfd_fast").setLevel(logging.WARNING)
+    else:
+        device = resolve_device(cfg.run.device)
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir)
     torch.manual_seed(cfg.run.seed)
+    if distributed and not rank0:
+        barrier()  # rank 0 pretrains/caches the teacher first; the others then load it
     parts = build_parts(cfg)  # may pretrain/cache the digits teacher (errors here name the file)
-    if not args.resume:
+    if distributed and rank0:
+        barrier()
+    if not args.resume and rank0:
         from sfd_fast.checkpoint import atomic_write_text
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    trainer = SFDTrainer(cfg, parts, run_dir, device)
+    trainer = (DeepSpeedTrainer if distributed else SFDTrainer)(cfg, parts, run_dir, device)
     if args.resume:
         trainer.resume(run_dir)
     log.info("run dir %s: %d steps, batch %d remain + %d forget per step", run_dir, cfg.train.total_steps,
              cfg.train.batch_size, cfg.train.batch_size)
     trainer.train()
     result = {"run_dir": str(run_dir)}
-    if cfg.model.kind == "digits" and cfg.eval.enabled:
+    if cfg.model.kind == "digits" and cfg.eval.enabled and rank0:
         result.update(evaluate_digits_run(cfg, parts, trainer, run_dir))
     return result
 

@@ -59,12 +59,14 @@ def apply_context_dropout(prompts: list[str], p: float, generator: torch.Generat
     """Each prompt becomes "" with probability p (one vectorised draw of len(prompts) uniforms)."""
     if p <= 0:
         return list(prompts)
-    drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
+    drop = (torch.rand(len(prompts), generator=generator, device=generator.device) < p).tolist()
     return ["" if d else s for s, d in zip(prompts, drop)]
 
 
 def _randint(high: int, n: int, generator: torch.Generator) -> list[int]:
-    return torch.randint(high, (n,), generator=generator).tolist()
+    # On the generator's device (the trainer's generator may be a CUDA one); .tolist() is the one
+    # host sync per draw that picking strings needs.
+    return torch.randint(high, (n,), generator=generator, device=generator.device).tolist()
 
 
 class RemainPromptSet:
@@ -161,6 +163,15 @@ class ForgetPromptSet:
                    rd(override_path, "override prompts"), rd(pos_path, "positive keywords"),
                    rd(neg_path, "negative prompts"), rd(val_path, "validation prompts"))
 
+    @classmethod
+    def from_config(cls, pr) -> "ForgetPromptSet":
+        """From a config.PromptsConfig ("" = not given). An empty concept_to_override with a
+        non-empty concept and no override file is an error (nothing to substitute)."""
+        override = pr.concept_to_override if (pr.concept_to_override or not pr.concept_to_forget) else None
+        return cls.from_files(pr.forget_file or None, pr.concept_to_forget, override,
+                              pr.override_file or None, pr.pos_file or None, pr.neg_file or None,
+                              pr.val_file or None)
+
     @property
     def has_neg(self) -> bool:
         return bool(self.neg_prompts)
@@ -175,7 +186,7 @@ class ForgetPromptSet:
         override = [self.pairs[i][1] for i in idx]
         if self.pos_keywords:
             kw = _randint(len(self.pos_keywords), n, generator)
-            front = (torch.rand(n, generator=generator) < 0.5).tolist()
+            front = (torch.rand(n, generator=generator, device=generator.device) < 0.5).tolist()
             forget = [f"{self.pos_keywords[k]} {p}" if fr else f"{p}, {self.pos_keywords[k]}"
                       for p, k, fr in zip(forget, kw, front)]
         neg = [self.neg_prompts[i] for i in _randint(len(self.neg_prompts), n, generator)] if self.neg_prompts else None

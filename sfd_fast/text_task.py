@@ -1,0 +1,159 @@
+"""Text-conditioned forgetting for Stable Diffusion SFD: the conditioning table of spec §1b.
+
+`TextForgetTask.draw(n_remain, n_forget, rng, device, phase)` returns the per-row text embeddings of
+ONE batch (remain rows, then forget rows) for one phase of the SFD step:
+
+    row     generator      fake score                        teacher     CFG uncond (fake / teacher)
+    remain  remain prompt  remain prompt                     remain      "" or a random negative
+                                                                          (sid_w_neg and use_neg[k])
+    forget  forget prompt  forget, or override with          override    "" or the pair's negative
+            (+ pos kw)     sg_w_override                                  (has_neg and use_neg[k])
+
+A row hit by context dropout gets "" as its generator prompt, fake-score prompt and uncond (the
+reference drops the prompt before sampling G too); the teacher is never dropped.
+
+k = 0 (kappa1, fake score in its own loss) in the "fake_score" phase, k = 1 (kappa2, fake score in
+the generator loss) in the "generator" phase, k = 2 (kappa4) for the teacher. Context dropout
+(`prompts.context_dropout`, 10%) applies in the fake-score phase only, and only when
+cfg_train_fake != 1 or cfg_eval_fake != 1 (reference training_loop L203-207).
+
+Encoding: every distinct string of a draw is encoded ONCE through the `TextEncoderCache`; all
+networks that need a prompt share the same rows. "", negatives, forget and override prompts are
+pinned in the cache at construction; remain captions are encoded once per draw and not kept.
+An uncond tensor is only built when its network's guidance is != 1 (else it is None: unused).
+
+Deliberate differences from the reference (documented in docs/sd.md):
+  * `sg_w_override` applies in both phases whatever the dropout / negative-prompt settings; in the
+    fake-score phase G is still sampled from the forget prompt (reference §8.7: there it only acts
+    with dropout and negatives, and then also switches G's prompt, so the fake score would learn a
+    distribution the generator phase never queries it for);
+  * a remain row whose prompt is dropped to "" also gets "" as its uncond (reference §8.8 keeps the
+    negative prompt there, giving neg + kappa * ("" - neg)); forget rows already behaved this way.
+"""
+from __future__ import annotations
+
+import torch
+
+from .data.prompts import ForgetPromptSet, RemainPromptSet
+from .tasks import PhaseConditions
+
+PHASES = ("fake_score", "generator")
+
+
+class TextForgetTask:
+    """Draws per-row text conditions for SD concept forgetting (see the module docstring).
+
+    cache: a TextEncoderCache. remain / forget: RemainPromptSet / ForgetPromptSet.
+    use_neg: (kappa1 fake-train, kappa2 fake-eval, kappa4 teacher) use negatives as CFG uncond.
+    guidance: (cfg_train_fake, cfg_eval_fake, cfg_eval_real).
+    use_cache=False: the reference's behaviour (every network's prompt list encoded separately, no
+        cache); same RNG consumption and the same conditions, for equivalence tests.
+    """
+
+    def __init__(self, cache, remain: RemainPromptSet, forget: ForgetPromptSet,
+                 use_neg=(False, False, True), sid_w_neg: bool = False, sg_w_override: bool = False,
+                 context_dropout: float = 0.1, guidance=(1.0, 1.0, 1.0), use_cache: bool = True):
+        if sid_w_neg and not forget.has_neg:
+            raise ValueError("prompts.sid_w_neg needs negative prompts (prompts.neg_file)")
+        self.cache = cache
+        self.remain = remain
+        self.forget = forget
+        self.use_neg = tuple(bool(u) for u in use_neg)
+        self.sid_w_neg = bool(sid_w_neg)
+        self.sg_w_override = bool(sg_w_override)
+        self.guidance = tuple(float(g) for g in guidance)
+        # reference: context dropout only when the fake score is ever guided
+        self.dropout = float(context_dropout) if (self.guidance[0] != 1 or self.guidance[1] != 1) else 0.0
+        self.use_cache = use_cache
+        self.last_prompts: dict[str, list[str]] = {}
+        if use_cache:
+            cache.pin(forget.all_prompts())
+
+    # -- prompts (strings) ---------------------------------------------------------------------------
+    def draw_prompts(self, n_remain: int, n_forget: int, rng: torch.Generator, phase: str) -> dict:
+        """The conditioning table as strings, one list of n_remain + n_forget per role.
+
+        RNG order (fixed, so a run replays exactly): remain prompts, remain negatives (sid_w_neg),
+        forget triples, dropout flags (fake-score phase with dropout on)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        remain = self.remain.sample(n_remain, rng) if n_remain else []
+        remain_neg = self._sample_negatives(n_remain, rng) if (self.sid_w_neg and n_remain) else None
+        if n_forget:
+            forget, override, neg = self.forget.sample(n_forget, rng)
+        else:
+            forget, override, neg = [], [], None
+        n = n_remain + n_forget
+
+        gen = remain + forget
+        fake = remain + (override if self.sg_w_override else forget)
+        teacher = remain + override
+        neg_rows = (remain_neg if remain_neg is not None else [""] * n_remain) + \
+                   (neg if neg is not None else [""] * n_forget)
+        has_neg_row = [remain_neg is not None] * n_remain + [neg is not None] * n_forget
+
+        if phase == "fake_score" and self.dropout > 0 and n:
+            drop = (torch.rand(n, generator=rng, device=rng.device) < self.dropout).tolist()
+            gen = ["" if d else p for p, d in zip(gen, drop)]
+            fake = ["" if d else p for p, d in zip(fake, drop)]
+            neg_rows = ["" if d else p for p, d in zip(neg_rows, drop)]
+
+        k = 0 if phase == "fake_score" else 1
+        fake_uncond = [nr if (self.use_neg[k] and h) else "" for nr, h in zip(neg_rows, has_neg_row)]
+        teacher_uncond = [nr if (self.use_neg[2] and h) else "" for nr, h in zip(neg_rows, has_neg_row)]
+        fake_guidance = self.guidance[0] if phase == "fake_score" else self.guidance[1]
+        return {
+            "generator": gen, "fake": fake, "teacher": teacher,
+            "fake_uncond": fake_uncond if fake_guidance != 1 else None,
+            "teacher_uncond": teacher_uncond if self.guidance[2] != 1 else None,
+            "is_forget": [False] * n_remain + [True] * n_forget,
+        }
+
+    def _sample_negatives(self, n: int, rng: torch.Generator) -> list[str]:
+        negs = self.forget.neg_prompts
+        idx = torch.randint(len(negs), (n,), generator=rng, device=rng.device).tolist()
+        return [negs[i] for i in idx]
+
+    # -- embeddings ----------------------------------------------------------------------------------
+    def encode_roles(self, prompts: dict, device) -> dict:
+        """{role: (B, 77, D) tensor or None}: each distinct string encoded once for all roles."""
+        roles = ("generator", "fake", "teacher", "fake_uncond", "teacher_uncond")
+        if not self.use_cache:  # reference behaviour: one encoder pass per role, nothing shared
+            return {r: (self.cache.encode_uncached(prompts[r]).to(device) if prompts[r] is not None else None)
+                    for r in roles}
+        remain_set = set(prompts["generator"][:prompts["is_forget"].count(False)])
+        remain_set |= set(prompts["teacher"][:prompts["is_forget"].count(False)])
+        fixed, fresh = [], []
+        for r in roles:
+            if prompts[r] is None:
+                continue
+            for p in prompts[r]:
+                (fresh if (p in remain_set and p != "") else fixed).append(p)
+        fixed, fresh = list(dict.fromkeys(fixed)), list(dict.fromkeys(fresh))
+        tables, index = [], {}
+        if fixed:  # pinned (forget/override/neg/"") or LRU (keyword-augmented forget prompts)
+            tables.append(self.cache.encode(fixed, cache=True))
+            index.update({p: i for i, p in enumerate(fixed)})
+        if fresh:  # remain captions: one encode per draw, not kept
+            off = len(index)
+            tables.append(self.cache.encode(fresh, cache=False))
+            index.update({p: off + i for i, p in enumerate(fresh)})
+        table = (torch.cat(tables) if len(tables) > 1 else tables[0]).to(device)
+        out, seen = {}, {}
+        for r in roles:
+            if prompts[r] is None:
+                out[r] = None
+                continue
+            key = tuple(prompts[r])
+            if key not in seen:  # identical row lists share one tensor
+                seen[key] = table[torch.tensor([index[p] for p in prompts[r]], device=device)]
+            out[r] = seen[key]
+        return out
+
+    def draw(self, n_remain: int, n_forget: int, rng: torch.Generator, device, phase: str) -> PhaseConditions:
+        prompts = self.draw_prompts(n_remain, n_forget, rng, phase)
+        self.last_prompts = prompts
+        e = self.encode_roles(prompts, device)
+        is_forget = torch.arange(n_remain + n_forget, device=device) >= n_remain
+        return PhaseConditions(e["generator"], e["fake"], e["teacher"], e["fake_uncond"], e["teacher_uncond"],
+                               is_forget)
