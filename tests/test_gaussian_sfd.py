@@ -72,8 +72,17 @@ def _regress_onto_teacher(net, teacher_net, schedule, steps=1500, seed=0):
     return net
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny MLPs: intra-op threading only adds overhead (and oversubscribes a shared 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_sfd_moves_forgotten_class_onto_override_gaussian(tmp_path):
+def test_sfd_moves_forgotten_class_onto_override_gaussian(tmp_path, one_thread):
     torch.manual_seed(0)
     sched = VPSchedule.from_betas("linear", 1e-4, 0.02, 1000)
     teacher_net = GaussianTeacherNet(sched)

@@ -109,3 +109,26 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
     ck = load_checkpoint(latest)
     assert ck["state"]["step"] == 1
     assert set(ck["weights"]) >= {"generator", "fake_score"}
+
+
+def test_two_stage_init_from_a_previous_run(tmp_path):
+    cfg_path = tiny_digits_config(tmp_path)
+    first = tmp_path / "stage1"
+    train.main(["--config", str(cfg_path), "--run-dir", str(first)])
+    stage1 = load_file(str(latest_checkpoint(first) / "generator.safetensors"))
+    cfg = load_config(cfg_path, [f"model.generator_init={first}"])
+    parts = build_digits_parts(cfg)
+    got = parts.generator.net.state_dict()
+    assert all(torch.equal(got[k], stage1[k]) for k in stage1)
+    # the fake score still starts from the teacher
+    teacher = parts.teacher.net.state_dict()
+    assert all(torch.equal(parts.fake_score.net.state_dict()[k], teacher[k]) for k in teacher)
+
+
+def test_ema_beta_halflife_rampup_and_fixed(tmp_path):
+    tr = _trainer(tmp_path)
+    tr.cfg.train.ema.halflife_kimg, tr.cfg.train.ema.rampup_ratio = 0.5, 0.05
+    tr.nimg = 4000  # ramp-up: h = min(500, 200) = 200 images; batch 8 -> beta = 0.5 ** (8 / 200)
+    assert abs(tr.ema_beta() - 0.5 ** (8 / 200)) < 1e-12
+    tr.cfg.train.ema.decay = 0.9999
+    assert tr.ema_beta() == 0.9999
