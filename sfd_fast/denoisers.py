@@ -68,15 +68,8 @@ class ClassCondDenoiser(Denoiser):
         return self.net(x_t, t, cond)
 
 
-class DiffusersClassUNetDenoiser(Denoiser):
+class DiffusersClassUNetDenoiser(ClassCondDenoiser):
     """diffusers UNet2DModel with `num_class_embeds` = num_classes + 1 (the last is the null class)."""
-
-    def __init__(self, net: nn.Module, schedule: VPSchedule, num_classes: int):
-        super().__init__(net, schedule)
-        self.num_classes = num_classes
-
-    def null_condition(self, batch: int, device) -> torch.Tensor:
-        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
 
     def forward_raw(self, x_t, t, cond):
         return self.net(x_t, t, class_labels=cond).sample

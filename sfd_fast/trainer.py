@@ -30,8 +30,10 @@ from tqdm import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint
 from .config import Config
 from .denoisers import Denoiser, FrozenView
-from .engine import autocast_context, make_adam, select_generator_loss
+from .engine import autocast_context, make_adam, prepare_for_training, select_generator_loss
 from .generator import OneStepGenerator
+from .optim import make_optimizer
+from .telemetry import gpu_telemetry
 from .step import (NUM_STATS, STAT_FORGET_N, STAT_FORGET_SUM, STAT_NONFINITE, STAT_REMAIN_N,
                    STAT_REMAIN_SUM, draw_phase, fake_score_phase, generator_phase)
 
@@ -71,6 +73,9 @@ class SFDTrainer:
         # the generator-loss implementation (reference torch, or a fused kernel): engine.py decides
         self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
         s, t = cfg.sfd, cfg.train
+        # 0. attention backend + activation checkpointing (an explicit request that cannot run raises)
+        from .distributed import apply_attention_and_checkpointing
+        apply_attention_and_checkpointing(parts, cfg.engine, device)
         # 1. networks: the teacher is frozen once, here, and never toggled
         self.teacher = parts.teacher.to(device).eval().requires_grad_(False)
         self.fake_score = parts.fake_score.to(device).eval()
@@ -83,10 +88,8 @@ class SFDTrainer:
         o = cfg.optim
         self.fake_params = [p for p in self.fake_score.parameters() if p.requires_grad]
         self.gen_params = [p for p in self.generator.parameters() if p.requires_grad]
-        self.fake_opt = make_adam(self.fake_params, o.fake_score.lr, o.fake_score.betas, o.fake_score.eps,
-                                  o.fake_score.weight_decay, device)
-        self.gen_opt = make_adam(self.gen_params, o.generator.lr, o.generator.betas, o.generator.eps,
-                                 o.generator.weight_decay, device)
+        self.fake_opt = make_optimizer(o.fake_score, cfg.engine, self.fake_params, device)  # adam | adam8bit
+        self.gen_opt = make_optimizer(o.generator, cfg.engine, self.gen_params, device)
         # 3. EMA of the generator (a separate copy only when enabled)
         self.ema_enabled = t.ema.decay is not None or t.ema.halflife_kimg > 0
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if self.ema_enabled else self.generator
@@ -98,6 +101,8 @@ class SFDTrainer:
         self.stats = torch.zeros(2, NUM_STATS, device=device)
         self.micro = t.batch_size // t.grad_accum
         self.autocast = lambda: autocast_context(cfg.engine.precision, device)
+        # 5. acceleration (torch.compile of the networks), after the EMA copy: engine.py decides
+        prepare_for_training(self)
 
     # ------------------------------------------------------------------ one step
     def _draw(self, phase: str, remain_coef: float, forget_coef: float):
@@ -210,6 +215,7 @@ class SFDTrainer:
             "nonfinite_rows": st[0][STAT_NONFINITE] + st[1][STAT_NONFINITE],
             "skipped_updates/fake_score": skipped[0], "skipped_updates/generator": skipped[1],
             "peak_mem_bytes": peak_memory_bytes(self.device),
+            **gpu_telemetry(self.device),   # {} without a GPU
         }
         self.stats.zero_()
         with open(self.run_dir / "stats.jsonl", "a") as f:
