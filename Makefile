@@ -43,6 +43,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
+	@if [ -e runs/digits_forget0 ]; then echo "make demo: replacing the previous demo run in runs/digits_forget0 (the cached teacher in runs/cache/ is reused)"; rm -rf runs/digits_forget0; fi
 	$(PY) sfd_fast/train.py --config $(DEMO_CONFIG)
 	@$(PY) -c "import json; m=json.load(open('runs/digits_forget0/eval.json')); \
 	print('\n== digits demo (forget 0, override 1) =='); \

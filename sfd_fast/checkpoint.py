@@ -80,7 +80,7 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict):
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, dict], optimizers: dict, state: dict,
-                    rng_state: torch.Tensor) -> Path:
+                    rng_state: torch.Tensor, task_rng_state: torch.Tensor | None = None) -> Path:
     """weights: {"generator": state_dict, ...}; optimizers: {"generator": opt, ...}."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,10 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, dict], optimize
         tensors, meta = optimizer_to_flat(opt)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"optim_{role}.safetensors"))
         opt_meta[role] = meta
-    save_file({"rng": rng_state.cpu()}, str(tmp / "rng.safetensors"))
+    rngs = {"rng": rng_state.cpu()}
+    if task_rng_state is not None:  # host generator of a task (prompt picks on an accelerator)
+        rngs["task_rng"] = task_rng_state.cpu()
+    save_file(rngs, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizers": opt_meta}, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -133,5 +136,6 @@ def load_checkpoint(path: Path) -> dict:
     weights = {f.stem: load_file(str(f)) for f in path.glob("*.safetensors")
                if not f.stem.startswith("optim_") and f.stem != "rng"}
     optim = {f.stem[len("optim_"):]: load_file(str(f)) for f in path.glob("optim_*.safetensors")}
-    rng = load_file(str(path / "rng.safetensors"))["rng"]
-    return {"weights": weights, "optim": optim, "state": state, "rng": rng}
+    rngs = load_file(str(path / "rng.safetensors"))
+    return {"weights": weights, "optim": optim, "state": state, "rng": rngs["rng"],
+            "task_rng": rngs.get("task_rng")}

@@ -159,7 +159,7 @@ def make_task(cfg: Config, cache: TextEncoderCache, use_cache: bool = True,
     forget = forget or ForgetPromptSet.from_config(pr)
     return TextForgetTask(cache, remain, forget, pr.use_neg, pr.sid_w_neg, pr.sg_w_override,
                           pr.context_dropout, (s.cfg_train_fake, s.cfg_eval_fake, s.cfg_eval_real),
-                          use_cache=use_cache)
+                          use_cache=use_cache, seed=cfg.run.seed)
 
 
 def grid_prompts(cfg: Config, forget: ForgetPromptSet) -> list[str]:

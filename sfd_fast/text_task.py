@@ -52,7 +52,8 @@ class TextForgetTask:
 
     def __init__(self, cache, remain: RemainPromptSet, forget: ForgetPromptSet,
                  use_neg=(False, False, True), sid_w_neg: bool = False, sg_w_override: bool = False,
-                 context_dropout: float = 0.1, guidance=(1.0, 1.0, 1.0), use_cache: bool = True):
+                 context_dropout: float = 0.1, guidance=(1.0, 1.0, 1.0), use_cache: bool = True,
+                 seed: int = 0):
         if sid_w_neg and not forget.has_neg:
             raise ValueError("prompts.sid_w_neg needs negative prompts (prompts.neg_file)")
         self.cache = cache
@@ -65,6 +66,11 @@ class TextForgetTask:
         # reference: context dropout only when the fake score is ever guided
         self.dropout = float(context_dropout) if (self.guidance[0] != 1 or self.guidance[1] != 1) else 0.0
         self.use_cache = use_cache
+        # Prompt picks are host decisions (strings). Drawing them from a CUDA generator would need a
+        # device->host copy (a sync) every draw, so on an accelerator they come from this CPU
+        # generator instead; the trainer checkpoints its state (rng_state / set_rng_state).
+        # On CPU the trainer's own generator is used, so one stream drives the whole run.
+        self.host_rng = torch.Generator("cpu").manual_seed(seed + 7919)
         self.last_prompts: dict[str, list[str]] = {}
         if use_cache:
             cache.pin(forget.all_prompts())
@@ -77,6 +83,8 @@ class TextForgetTask:
         forget triples, dropout flags (fake-score phase with dropout on)."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if rng.device.type != "cpu":
+            rng = self.host_rng  # no device->host sync for string choices
         remain = self.remain.sample(n_remain, rng) if n_remain else []
         remain_neg = self._sample_negatives(n_remain, rng) if (self.sid_w_neg and n_remain) else None
         if n_forget:
@@ -108,6 +116,12 @@ class TextForgetTask:
             "teacher_uncond": teacher_uncond if self.guidance[2] != 1 else None,
             "is_forget": [False] * n_remain + [True] * n_forget,
         }
+
+    def rng_state(self) -> torch.Tensor:
+        return self.host_rng.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.host_rng.set_state(state)
 
     def _sample_negatives(self, n: int, rng: torch.Generator) -> list[str]:
         negs = self.forget.neg_prompts

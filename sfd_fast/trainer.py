@@ -178,9 +178,10 @@ class SFDTrainer:
     def save(self) -> Path:
         state = {"step": self.step, "nimg": self.nimg, "skipped": self.skipped.tolist(),
                  "data_position": {"rng_draws": "in rng.safetensors"}}
+        task_rng = self.parts.task.rng_state() if hasattr(self.parts.task, "rng_state") else None
         return save_checkpoint(self.run_dir, self.step, self.state_dict_weights(),
                                {"generator": self.gen_opt, "fake_score": self.fake_opt}, state,
-                               self.rng.get_state())
+                               self.rng.get_state(), task_rng)
 
     def resume(self, run_dir: Path):
         ck = load_checkpoint(latest_checkpoint(run_dir))
@@ -192,6 +193,8 @@ class SFDTrainer:
         optimizer_from_flat(self.gen_opt, ck["optim"]["generator"], meta["generator"])
         optimizer_from_flat(self.fake_opt, ck["optim"]["fake_score"], meta["fake_score"])
         self.rng.set_state(ck["rng"])
+        if ck.get("task_rng") is not None and hasattr(self.parts.task, "set_rng_state"):
+            self.parts.task.set_rng_state(ck["task_rng"])
         self.step, self.nimg = ck["state"]["step"], ck["state"]["nimg"]
         self.skipped = torch.tensor(ck["state"]["skipped"], device=self.device)
         log.info("resumed from %s at step %d", run_dir, self.step)

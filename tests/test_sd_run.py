@@ -395,3 +395,19 @@ def test_grid_is_deterministic_and_uses_grid_prompts(tmp_path, sd_dirs):
     assert a.read_bytes() == b.read_bytes()  # fixed latents (seed 2024)
     assert Image.open(a).size == (3 * 64, 2 * 64)
     assert a.with_suffix(".txt").read_text() == "row 0: a cat\nrow 1: a photo of Angelina Jolie\n"
+
+
+def test_prompt_picks_use_a_host_generator_on_accelerators():
+    """On a non-CPU trainer generator, string choices come from the task's own CPU generator (no
+    device->host sync); its state round-trips for exact resume. Simulated with a fake device rng."""
+    task = _task()
+
+    class FakeDeviceGen:
+        device = torch.device("meta")
+
+    a = task.draw_prompts(3, 2, FakeDeviceGen(), "fake_score")
+    state = task.rng_state()
+    b = task.draw_prompts(3, 2, FakeDeviceGen(), "fake_score")
+    task.set_rng_state(state)
+    assert task.draw_prompts(3, 2, FakeDeviceGen(), "fake_score") == b
+    assert len(a["generator"]) == 5
