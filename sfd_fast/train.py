@@ -133,12 +133,10 @@ def main(argv=None) -> dict:
 
 def evaluate_digits_run(cfg, parts, trainer, run_dir: Path) -> dict:
     from sfd_fast.checkpoint import atomic_write_text
-    from sfd_fast.digits_run import build_digits_parts  # noqa: F401
-    from sfd_fast.digits_run import load_generator_init
+    from sfd_fast.denoisers import ClassCondDenoiser
+    from sfd_fast.digits_run import load_generator_init, make_schedule
     from sfd_fast.evaluation.digits_eval import evaluate_digits
     from sfd_fast.generator import OneStepGenerator
-    from sfd_fast.denoisers import ClassCondDenoiser
-    from sfd_fast.digits_run import make_schedule
     from sfd_fast.pretrain import get_digits_classifier
 
     clf, clf_meta = get_digits_classifier(cfg)
