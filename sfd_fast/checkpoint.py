@@ -85,7 +85,6 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, dict], optimize
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -102,12 +101,23 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, dict], optimize
         rngs["task_rng"] = task_rng_state.cpu()
     save_file(rngs, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizers": opt_meta}, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    return publish_checkpoint_dir(tmp, ckpt_root, name)
+
+
+def publish_checkpoint_dir(tmp: Path, ckpt_root: Path, name: str) -> Path:
+    """Make a fully written temporary checkpoint folder the checkpoint `name`, atomically.
+
+    Every file is fsynced, the folder is renamed into place (an existing one of the same name is
+    moved aside first, never deleted before the new one is in place), then `latest` is replaced.
+    """
+    for dirpath, _, files in os.walk(tmp):
+        for f in files:
+            with open(Path(dirpath) / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+    final = ckpt_root / name
     old = None
-    if final.exists():  # re-saving the same step: move the old one aside, never delete it first
+    if final.exists():
         old = ckpt_root / f".old-{name}-{os.getpid()}"
         os.replace(final, old)
     os.replace(tmp, final)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import _fsync_dir, atomic_write_text, latest_checkpoint, save_safetensors_atomic
+from .checkpoint import atomic_write_text, latest_checkpoint, publish_checkpoint_dir, save_safetensors_atomic
 from .config import Config, ConfigError
 from .denoisers import FrozenView
 from .optim import NonfiniteGuard, make_optimizer, require_bitsandbytes
@@ -578,20 +578,7 @@ class DeepSpeedTrainer(SFDTrainer):
                      "backend": "deepspeed", "world_size": self.world, "zero_stage": self.zero_stage,
                      "rng_mode": self.rng_mode, "optimizers": {"deepspeed": ["ds_generator", "ds_fake_score"]}}
             atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
-            for dirpath, _, files in os.walk(tmp):
-                for f in files:
-                    with open(Path(dirpath) / f, "rb") as fh:
-                        os.fsync(fh.fileno())
-                _fsync_dir(Path(dirpath))
-            old = None
-            if final.exists():
-                old = ckpt_root / f".old-{name}-{os.getpid()}"
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(ckpt_root)
-            atomic_write_text(ckpt_root / "latest", name)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish_checkpoint_dir(tmp, ckpt_root, name)
         barrier()
         return final
 

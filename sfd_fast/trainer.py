@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import resource
 import sys
 import time
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint
 from .config import Config
 from .denoisers import Denoiser, FrozenView
-from .engine import autocast_context, make_adam, prepare_for_training, select_generator_loss
+from .engine import autocast_context, prepare_for_training, select_generator_loss
 from .generator import OneStepGenerator
 from .optim import make_optimizer
 from .telemetry import gpu_telemetry
@@ -72,7 +71,7 @@ class SFDTrainer:
         self.cfg, self.parts, self.run_dir, self.device = cfg, parts, Path(run_dir), device
         # the generator-loss implementation (reference torch, or a fused kernel): engine.py decides
         self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
-        s, t = cfg.sfd, cfg.train
+        t = cfg.train
         # 0. attention backend + activation checkpointing (an explicit request that cannot run raises)
         from .distributed import apply_attention_and_checkpointing
         apply_attention_and_checkpointing(parts, cfg.engine, device)

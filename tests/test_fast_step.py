@@ -7,7 +7,6 @@ functional_call of FrozenView, the joint forward/backward graphs), without induc
 generation, which costs ~30 s per graph on this 2-core CPU. Inductor itself is exercised by the GPU
 tier (tests/test_gpu_tier.py).
 """
-import importlib
 
 import pytest
 import torch

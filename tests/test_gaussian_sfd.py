@@ -8,7 +8,6 @@ generator's samples for the forgotten class 0 must follow the override class 1's
 other classes their own. This checks the update rules themselves (losses, conditioning, signs).
 """
 import copy
-import math
 
 import pytest
 import torch
