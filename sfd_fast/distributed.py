@@ -379,6 +379,8 @@ class DeepSpeedTrainer(SFDTrainer):
         # ---- tail: replace the plain optimizers by guarded client optimizers inside two engines
         if rng_mode == "per_rank":
             self.rng.manual_seed(cfg.run.seed + self.rank)
+            if hasattr(parts.task, "host_rng"):  # text task: prompt picks on accelerators differ per rank too
+                parts.task.host_rng.manual_seed(cfg.run.seed + 7919 + self.rank)
         self.zero_stage = cfg.engine.zero_stage
         self.ds_configs = {r: build_deepspeed_config(cfg, r, self.world) for r in ("generator", "fake_score")}
         if self.rank == 0:
@@ -568,11 +570,16 @@ class DeepSpeedTrainer(SFDTrainer):
             weights["generator_ema"] = {k: v.detach().float() for k, v in self.generator_ema.net.state_dict().items()}
         rng_states = [None] * self.world
         torch.distributed.all_gather_object(rng_states, self.rng.get_state())
+        task = self.parts.task
+        task_states = [None] * self.world
+        if hasattr(task, "rng_state"):  # the text task's host generator (prompt picks on accelerators)
+            torch.distributed.all_gather_object(task_states, task.rng_state())
         if self.rank == 0:
             for role, sd in weights.items():
                 save_safetensors_atomic(sd, tmp / f"{role}.safetensors")
             rng = {"rng": rng_states[0].clone()}
             rng.update({f"rng_rank{r}": s for r, s in enumerate(rng_states)})
+            rng.update({f"task_rng_rank{r}": s for r, s in enumerate(task_states) if s is not None})
             save_safetensors_atomic(rng, tmp / "rng.safetensors")
             state = {"step": self.step, "nimg": self.nimg, "skipped": self.skipped.tolist(),
                      "backend": "deepspeed", "world_size": self.world, "zero_stage": self.zero_stage,
@@ -598,6 +605,8 @@ class DeepSpeedTrainer(SFDTrainer):
             self._load_full_into(self.generator_ema.net, load_file(str(ck / "generator_ema.safetensors")))
         rng = load_file(str(ck / "rng.safetensors"))
         self.rng.set_state(rng[f"rng_rank{self.rank}"] if self.rng_mode == "per_rank" else rng["rng"])
+        if f"task_rng_rank{self.rank}" in rng and hasattr(self.parts.task, "set_rng_state"):
+            self.parts.task.set_rng_state(rng[f"task_rng_rank{self.rank}"])
         self.step, self.nimg = state["step"], state["nimg"]
         self.skipped.copy_(torch.tensor(state["skipped"], device=self.device))
         self.snapshot_step = -1
