@@ -29,7 +29,8 @@ def main(argv=None):
         names = ", ".join(sorted(COMMANDS))
         print(f"usage: sfd-fast {{{names}}} ...\n\n{__doc__}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    return COMMANDS[argv[0]](argv[1:])
+    COMMANDS[argv[0]](argv[1:])
+    return 0  # a command's return value is not an exit status (sys.exit(path) would exit 1)
 
 
 def _load_optional_commands():

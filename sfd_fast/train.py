@@ -11,9 +11,14 @@ import os
 import sys
 
 if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
+    import importlib.util
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+    # Add the repository root only when sfd_fast is not installed: the root also holds `kernels/`
+    # (installed as sfd_fast.kernels), which would shadow the unrelated PyPI package `kernels`
+    # that bitsandbytes / transformers probe for.
+    if importlib.util.find_spec("sfd_fast") is None:
+        sys.path.insert(0, os.path.dirname(_here))
 
 import argparse
 import json
