@@ -48,12 +48,17 @@ class NonfiniteGuard:
     distributed: bool = True
 
 
-def _nonfinite_flag_and_clean(grads: list[torch.Tensor], device) -> torch.Tensor:
-    """1.0 if any grad has NaN/inf (non-finite entries then zeroed), else 0.0; no host sync."""
+def nonfinite_flag(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """1.0 on the device if any gradient has a NaN/inf, else 0.0: one foreach norm, no host sync."""
     if not grads:
         return torch.zeros((), device=device)
     norms = torch._foreach_norm(grads)
-    flag = (~torch.isfinite(torch.stack(norms).sum())).float()
+    return (~torch.isfinite(torch.stack(norms).sum())).float()
+
+
+def _nonfinite_flag_and_clean(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """nonfinite_flag, then non-finite entries zeroed (DeepSpeed keeps its gradient buffers)."""
+    flag = nonfinite_flag(grads, device)
     for g in grads:
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return flag

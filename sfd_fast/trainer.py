@@ -31,7 +31,7 @@ from .config import Config
 from .denoisers import Denoiser, FrozenView
 from .engine import autocast_context, prepare_for_training, select_generator_loss
 from .generator import OneStepGenerator
-from .optim import make_optimizer
+from .optim import make_optimizer, nonfinite_flag
 from .telemetry import gpu_telemetry
 from .step import (NUM_STATS, STAT_FORGET_N, STAT_FORGET_SUM, STAT_NONFINITE, STAT_REMAIN_N,
                    STAT_REMAIN_SUM, draw_phase, fake_score_phase, generator_phase)
@@ -52,17 +52,14 @@ class RunParts:
 
 
 def grads_nonfinite_flag(params: list[torch.Tensor]) -> torch.Tensor:
-    """1.0 on the device if any gradient has a NaN/inf, else 0.0; non-finite entries are zeroed.
+    """Device flag: does any gradient of `params` hold a NaN/inf? (see optim.nonfinite_flag)
 
-    No host sync: one foreach norm, then where()."""
+    The plain trainer needs no per-tensor clean-up: when the flag is set the optimizer skips the
+    update on the device and the gradients are then discarded (zero_grad(set_to_none=True)), so a
+    per-parameter nan_to_num loop (hundreds of launches per UNet) would be pure overhead."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    flag = (~torch.isfinite(torch.stack(norms).sum())).float()
-    for g in grads:  # zero non-finite entries so nothing downstream sees them
-        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    return flag
+    device = grads[0].device if grads else torch.device("cpu")
+    return nonfinite_flag(grads, device)
 
 
 class SFDTrainer:
