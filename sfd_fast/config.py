@@ -230,19 +230,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_json_file(path: str | Path, what: str, hint: str) -> dict:
+    """A JSON object from `path`, or a ConfigError naming `what`, the file and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}: not valid JSON ({e})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a JSON config (or the defaults), apply overrides, check keys, types and values."""
     data: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing JSON file to --config")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        data = read_json_file(path, "config file", "pass an existing JSON file to --config")
     if overrides:
         data = apply_overrides(data, overrides)
         source = f"{source} (with --set overrides)"

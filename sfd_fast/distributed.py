@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, latest_checkpoint, publish_checkpoint_dir, save_safetensors_atomic
-from .config import Config, ConfigError
+from .config import Config, ConfigError, read_json_file
 from .denoisers import FrozenView
 from .optim import NonfiniteGuard, make_optimizer, require_bitsandbytes
 from .step import PhaseDraws, fake_score_phase, generator_phase
@@ -210,12 +210,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _read_user_ds_json(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"engine.deepspeed_config points to {p}, which does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"engine.deepspeed_config {p}: not valid JSON ({e})") from None
+    data = read_json_file(p, "engine.deepspeed_config", "point it at an existing DeepSpeed JSON file or leave it empty")
     clash = [k for k in OWNED_KEYS if k in data or any(k in data.get(r, {}) for r in ("generator", "fake_score"))]
     if clash:
         raise ConfigError(f"engine.deepspeed_config {p}: {clash} are set by the run config (train.batch_size, "
