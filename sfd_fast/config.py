@@ -91,6 +91,7 @@ class EMAConfig:
 class TrainConfig:
     batch_size: int = 64              # remain samples per step (as many forget samples ride along)
     grad_accum: int = 1
+    micro_batch: object = None        # None: batch_size / grad_accum; an int; or "auto" (largest that fits)
     total_steps: int = 1000
     log_every: int = 100              # a tick: status line + stats.jsonl (the only host syncs)
     checkpoint_every: int = 500
@@ -103,7 +104,10 @@ class TrainConfig:
 class EngineConfig:
     backend: str = "plain"            # plain (single process) | deepspeed (ZeRO engines)
     precision: str = "fp32"           # fp32 | bf16 (autocast compute, fp32 master weights)
-    compile: bool = False             # torch.compile the per-network graphs
+    compile: bool = False             # torch.compile the per-network graphs (fullgraph)
+    compile_phase: bool = False       # instead: each whole phase (noise, both scores + CFG, loss) as one graph
+    compile_mode: str = "default"     # torch.compile mode: default | max-autotune | reduce-overhead
+    channels_last: bool = False       # UNets in channels_last memory format (unmeasured on GPU: off)
     kernels: str = "auto"             # auto | torch | triton  (the fused SFD loss)
     attention: str = "sdpa"           # sdpa | xformers | auto
     activation_checkpointing: bool = False
@@ -291,6 +295,11 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.grad_accum", f"must be a positive integer, got {t.grad_accum}")
     if t.batch_size % t.grad_accum:
         bad("train.grad_accum", f"({t.grad_accum}) must divide train.batch_size ({t.batch_size})")
+    m = t.micro_batch
+    if m is not None and m != "auto" and not (isinstance(m, int) and not isinstance(m, bool) and m > 0
+                                              and t.batch_size % m == 0):
+        bad("train.micro_batch", f"must be null, 'auto' or a positive integer dividing train.batch_size "
+            f"({t.batch_size}), got {m!r}")
     if t.total_steps <= 0:
         bad("train.total_steps", "must be positive")
     for k in ("log_every", "checkpoint_every", "sample_every"):
@@ -332,3 +341,8 @@ def validate_engine(cfg: Config, bad) -> None:
         bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
     if not 0 <= e.zero_stage <= 3:
         bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if e.compile_mode not in ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"):
+        bad("engine.compile_mode", "must be 'default', 'max-autotune', 'max-autotune-no-cudagraphs' or "
+            f"'reduce-overhead', got {e.compile_mode!r}")
+    if e.compile and e.compile_phase:
+        bad("engine.compile_phase", "compiles the networks inside each phase already; set engine.compile=false")

@@ -37,7 +37,7 @@ from .engine import accelerate, autocast_context, make_backend, select_generator
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
 from .step import (NUM_STATS, STAT_FORGET_N, STAT_FORGET_SUM, STAT_NONFINITE, STAT_REMAIN_N,
-                   STAT_REMAIN_SUM, fake_score_phase, generator_phase)
+                   STAT_REMAIN_SUM)
 
 log = logging.getLogger("sfd_fast")
 
@@ -90,7 +90,7 @@ class SFDTrainer:
         for _ in range(t.grad_accum):
             draws = b.draw("fake_score", s.sg_remain_coef, s.sg_forget_coef)
             with self.autocast():
-                loss, stats = fake_score_phase(b.phase_generator, b.phase_fake_score, self.schedule, draws,
+                loss, stats = self.fake_score_phase_fn(b.phase_generator, b.phase_fake_score, self.schedule, draws,
                                                s.cfg_train_fake, b.denom)
             b.backward("fake_score", loss)
             self.stats[0] += stats
@@ -102,7 +102,7 @@ class SFDTrainer:
             for _ in range(t.grad_accum):
                 draws = b.draw("generator", s.g_remain_coef, s.g_forget_coef)
                 with self.autocast():
-                    loss, stats = generator_phase(b.phase_generator, b.fake_score_view, self.teacher,
+                    loss, stats = self.generator_phase_fn(b.phase_generator, b.fake_score_view, self.teacher,
                                                   self.schedule, draws, s.alpha, s.cfg_eval_fake,
                                                   s.cfg_eval_real, b.denom, self.loss_fn)
                 b.backward("generator", loss)
@@ -194,7 +194,9 @@ class SFDTrainer:
             return
         gen = self.backend.sampling_generator()
         if self.backend.is_rank0:
-            self.parts.save_grid(gen, self.run_dir / "samples" / name)
+            # grids run the nets at other batch sizes: eagerly, so the compiled graphs see no new shape
+            with torch.compiler.set_stance("force_eager"):
+                self.parts.save_grid(gen, self.run_dir / "samples" / name)
 
     def train(self, total_steps: int | None = None) -> list[dict]:
         cfg = self.cfg.train
