@@ -147,8 +147,8 @@ def compile_phases(fake_score_phase, generator_phase, engine_cfg, backend: str |
 def set_device_flags(nets: list, engine_cfg, device: torch.device) -> dict:
     """cudnn.benchmark on CUDA (the UNet's convolutions run at fixed shapes: autotuned once, as the
     reference's training loop does); channels_last on the UNets when engine.channels_last (off by
-    default: not measured faster on a GPU yet; on CPU the tiny UNet was not faster either,
-    docs/performance.md)."""
+    default: unmeasured on a GPU, and a CPU timing of the tiny UNet says nothing about GPU
+    convolution layouts; docs/performance.md)."""
     done = {}
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
