@@ -91,7 +91,7 @@ class EMAConfig:
 class TrainConfig:
     batch_size: int = 64              # remain samples per step (as many forget samples ride along)
     grad_accum: int = 1
-    micro_batch: object = None        # None: batch_size / grad_accum; an int; or "auto" (largest that fits)
+    micro_batch: object = None        # None: batch_size / grad_accum; an int (sets grad_accum); "auto": not yet
     total_steps: int = 1000
     log_every: int = 100              # a tick: status line + stats.jsonl (the only host syncs)
     checkpoint_every: int = 500
@@ -296,10 +296,16 @@ def validate(cfg: Config, source: str = "config") -> None:
     if t.batch_size % t.grad_accum:
         bad("train.grad_accum", f"({t.grad_accum}) must divide train.batch_size ({t.batch_size})")
     m = t.micro_batch
-    if m is not None and m != "auto" and not (isinstance(m, int) and not isinstance(m, bool) and m > 0
-                                              and t.batch_size % m == 0):
-        bad("train.micro_batch", f"must be null, 'auto' or a positive integer dividing train.batch_size "
+    if m == "auto":   # the memory-model + probe-step choice is not built yet (issue #10 item 4)
+        bad("train.micro_batch", "'auto' is not implemented yet; give an integer dividing train.batch_size "
+            "(rows per branch per micro-batch) or leave it null (batch_size / grad_accum)")
+    elif m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m > 0 and t.batch_size % m == 0):
+        bad("train.micro_batch", f"must be null or a positive integer dividing train.batch_size "
             f"({t.batch_size}), got {m!r}")
+    elif m is not None:
+        if t.grad_accum not in (1, t.batch_size // m):
+            bad("train.micro_batch", f"({m}) and train.grad_accum ({t.grad_accum}) disagree: give one of them")
+        t.grad_accum = t.batch_size // m   # the accumulation follows from the micro-batch
     if t.total_steps <= 0:
         bad("train.total_steps", "must be positive")
     for k in ("log_every", "checkpoint_every", "sample_every"):

@@ -69,3 +69,16 @@ def test_bf16_frozen_networks_keep_fp32_masters_and_the_losses(tmp_path, sd_dir)
     assert all(p.dtype == torch.bfloat16 for m in frozen for p in m.parameters())
     trained = [p16.fake_score.net, p16.generator.net]
     assert all(p.dtype == torch.float32 for m in trained for p in m.parameters())   # fp32 masters
+
+
+def test_micro_batch_sets_the_accumulation_and_bad_values_are_refused(tmp_path):
+    from sfd_fast.config import ConfigError
+    from tests.helpers import tiny_digits_config
+
+    cfg = load_config(tiny_digits_config(tmp_path), ["train.micro_batch=2"])
+    assert cfg.train.batch_size == 8 and cfg.train.grad_accum == 4
+    for value, match in (("3", "dividing"), ("0", "dividing"), ('"auto"', "not implemented")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(tiny_digits_config(tmp_path), [f"train.micro_batch={value}"])
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(tiny_digits_config(tmp_path), ["train.micro_batch=2", "train.grad_accum=2"])
