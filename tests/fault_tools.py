@@ -92,3 +92,32 @@ def fault_base(tmp_path_factory):
     six = base / "six"   # the same run stopped at step 6: checkpoints 3 and 6 (the corruption template)
     assert run_main(["--config", str(cfg), "--run-dir", str(six), "--set", "train.total_steps=6"]) == (0, "")
     return {"dir": base, "cfg": cfg, "reference": reference, "six": six}
+
+
+CRASH_DRIVER = r'''
+import json, os, sys
+from sfd_fast import train            # imported once; every case runs in a fork of this process
+cases, warmup = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+train.main(warmup)                     # pays every lazy import once, before the forks
+status = {}
+for name, (crash_at, argv) in cases.items():
+    pid = os.fork()
+    if pid == 0:
+        os.environ["SFD_FAST_CRASH_AT"] = crash_at
+        try:
+            train.main(argv)
+        finally:
+            os._exit(0)
+    status[name] = os.waitpid(pid, 0)[1]
+print(json.dumps(status))
+'''
+
+
+def crash_runs(cases: dict, warmup_argv: list) -> dict:
+    """{name: (SFD_FAST_CRASH_AT value, train argv)} -> {name: raw wait status}: each case runs in a fork
+    of one subprocess (torch imported once) and is expected to die by SIGKILL at its crash point."""
+    out = subprocess.run([sys.executable, "-c", CRASH_DRIVER, json.dumps(cases), json.dumps(warmup_argv)],
+                         env=subprocess_env(),
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

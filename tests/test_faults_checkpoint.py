@@ -3,6 +3,7 @@ case, checkpoint pruning and leftover cleanup. Each resume must end bit-identica
 run (weights, EMA, optimizer state, per-step losses) and say which checkpoint it used."""
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -12,8 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sfd_fast.checkpoint import checkpoint_status, write_manifest
 
-from .fault_tools import (STEPS, assert_bit_identical, copy_run, fault_base, run_main, stats, train_subprocess,  # noqa: F401
-                          tree)
+from .fault_tools import STEPS, assert_bit_identical, copy_run, crash_runs, fault_base, run_main, stats, tree  # noqa: F401
 
 CK6 = Path("checkpoints") / "step-00000006"
 
@@ -24,13 +24,27 @@ PHASES = [("after_weights", 3), ("before_manifest", 3), ("before_rename", 3), ("
           ("after_latest", 6)]
 
 
+@pytest.fixture(scope="module")
+def crashed(fault_base):
+    """Every crash case, killed by SIGKILL at its crash point (one subprocess, a fork per case)."""
+    runs = {phase: fault_base["dir"] / f"crash_{phase}" for phase, _ in PHASES}
+    runs["first"] = fault_base["dir"] / "crash_first"
+    cases = {phase: (f"{phase}@6", ["--config", str(fault_base["cfg"]), "--run-dir", str(run)])
+             for phase, run in runs.items() if phase != "first"}
+    cases["first"] = ("after_weights@3", ["--config", str(fault_base["cfg"]), "--run-dir", str(runs["first"])])
+    status = crash_runs(cases, ["--config", str(fault_base["cfg"]), "--run-dir", str(fault_base["dir"] / "warm"),
+                                "--set", "train.total_steps=1"])
+    return {name: (runs[name], status[name]) for name in runs}
+
+
+def _killed(wait_status) -> bool:
+    return os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGKILL
+
+
 @pytest.mark.parametrize("phase,resumed_from", PHASES)
-def test_kill9_during_checkpoint_then_resume_is_bit_exact(fault_base, tmp_path, phase, resumed_from, caplog):
-    run = tmp_path / "run"
-    proc = train_subprocess(["--config", str(fault_base["cfg"]), "--run-dir", str(run)],
-                            SFD_FAST_CRASH_AT=f"{phase}@6")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+def test_kill9_during_checkpoint_then_resume_is_bit_exact(fault_base, crashed, phase, resumed_from, caplog):
+    run, status = crashed[phase]
+    assert _killed(status), status
     assert not (run / "checkpoints" / "step-00000009").exists()
     assert [r["step"] for r in stats(run)] == list(range(1, 7))      # killed while saving step 6
     with caplog.at_level(logging.INFO, logger="sfd_fast"):
@@ -116,12 +130,9 @@ def test_no_usable_checkpoint_is_a_clear_error(fault_base, tmp_path):
     assert after == {k: v for k, v in before.items() if k != ".lock"}   # nothing lost or changed
 
 
-def test_resume_before_first_checkpoint_is_a_clear_error(fault_base, tmp_path):
-    run = tmp_path / "run"
-    proc = train_subprocess(["--config", str(fault_base["cfg"]), "--run-dir", str(run)],
-                            SFD_FAST_CRASH_AT="after_weights@3")
-    proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL
+def test_resume_before_first_checkpoint_is_a_clear_error(fault_base, crashed):
+    run, status = crashed["first"]
+    assert _killed(status), status
     before = tree(run)
     code, msg = run_main(["--resume", str(run)])
     assert code == 2 and "no checkpoint yet" in msg and str(run / "config.json") in msg, msg
