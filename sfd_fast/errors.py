@@ -46,6 +46,9 @@ def user_error_boundary():
         message = str(e) if str(e).startswith(e.prefix) else f"{e.prefix}{e}"
         print(message, file=sys.stderr)
         raise UserExit(message, e.exit_code) from None
+    except KeyboardInterrupt:   # Ctrl-C before the training loop installed its handler (guard.py)
+        print("interrupted before training started; nothing was trained", file=sys.stderr)
+        raise UserExit("interrupted", 130) from None
     except SystemExit as e:
         if isinstance(e.code, str):   # older `raise SystemExit("error: ...")` sites: same status as UserError
             print(e.code, file=sys.stderr)
