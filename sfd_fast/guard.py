@@ -45,6 +45,7 @@ class RunGuard:
         self.prev = trainer.skipped.clone()
         self.consecutive = torch.zeros_like(trainer.skipped)
         self.signum = 0
+        self.start_step = None          # the step this process started training from
         self._saved_handlers = {}
 
     # ---------------------------------------------------------------- signals
@@ -80,22 +81,27 @@ class RunGuard:
     def after_step(self) -> None:
         """Device-side run lengths of skipped updates (a skip increments trainer.skipped)."""
         t = self.trainer
+        if self.start_step is None:
+            self.start_step = t.step - 1
         did_skip = t.skipped > self.prev
         self.consecutive = torch.where(did_skip, self.consecutive + 1, torch.zeros_like(self.consecutive))
         self.prev.copy_(t.skipped)
 
-    def check(self, saved_now: bool) -> None:
-        """Raise RunInterrupted / RunCannotTrain after writing a checkpoint (unless one was just written)."""
+    def check(self, saved_now: bool, final: bool = False) -> None:
+        """Raise RunInterrupted / RunCannotTrain after writing a checkpoint (unless one was just written).
+        At the final step a run shorter than the limit whose every update was skipped stops too: it
+        must not exit 0 without having trained."""
         t = self.trainer
         signum = self._stop_requested()
         if signum:
             ck = t.run_dir / "checkpoints" / f"step-{t.step:08d}" if saved_now else t.save()
             raise RunInterrupted(f"stopped by {signal.Signals(signum).name} at step {t.step}; checkpoint "
                                  f"{ck} written; continue with --resume {t.run_dir}", signum)
-        if t.step % self.every:
+        if t.step % self.every and not final:
             return
         runs = self.consecutive.tolist()       # host sync, once per `every` steps
-        stuck = [r for r, n in zip(ROLES, runs) if n >= self.limit]
+        limit = min(self.limit, t.step - self.start_step) if final else self.limit
+        stuck = [r for r, n in zip(ROLES, runs) if n >= limit]
         if not stuck:
             return
         ck = t.run_dir / "checkpoints" / f"step-{t.step:08d}" if saved_now else t.save()

@@ -227,7 +227,7 @@ class SFDTrainer:
             saved = self.step % cfg.checkpoint_every == 0 or self.step == total
             if saved:
                 self.save()
-            self.guard.check(saved)
+            self.guard.check(saved, final=self.step == total)
         if bar is not None:
             bar.close()
         self.backend.finish()

@@ -99,3 +99,18 @@ def test_run_that_cannot_train_stops_with_a_checkpoint(fault_base, tmp_path, mon
     teacher = load_file(str(fault_base["dir"] / "teacher.safetensors"))
     gen = load_file(str(ck / "generator.safetensors"))
     assert all(torch.equal(gen[k], teacher[k]) for k in teacher)   # the last good state
+
+
+def test_short_run_whose_every_update_is_skipped_does_not_exit_0(fault_base, tmp_path, monkeypatch):
+    """Fewer steps than max_consecutive_skips, all skipped: the end of the run is checked too."""
+    from sfd_fast.engine import plain
+    real_draw = plain.draw_phase
+
+    def nan_draw(*a, **k):
+        d = real_draw(*a, **k)
+        d.z.fill_(float("nan"))
+        return d
+    monkeypatch.setattr(plain, "draw_phase", nan_draw)
+    code, msg = run_main(["--config", str(fault_base["cfg"]), "--run-dir", str(tmp_path / "run"),
+                          "--set", "train.total_steps=5"])
+    assert code == 3 and "the last 5 updates" in msg, msg
