@@ -18,6 +18,7 @@ alpha == 1 the weight omega is 1 instead of mean|p_x - x0|.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
@@ -27,21 +28,24 @@ from ._checks import check_labels, check_latents, check_same_shape, check_timest
 __all__ = ["noise_estimation_loss", "noise_estimation_loss_conditional", "sid_sg_loss_conditional",
            "sid_g_loss_conditional", "loss_registry", "loss_registry_conditional"]
 
-# beta tensor -> (version, device, dtype, sqrt(alpha_bar), sqrt(1 - alpha_bar)); weak keys so a
-# schedule that goes away drops its tables.
-_ALPHAS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# id(beta tensor) -> (weakref to it, (version, device, dtype), sqrt(alpha_bar), sqrt(1 - alpha_bar)).
+# Keyed by id with the weak reference checked on lookup (tensors cannot be WeakKeyDictionary keys:
+# their == is elementwise); a few schedules at most are in use, the oldest is dropped past 16.
+_ALPHAS: "OrderedDict[int, tuple]" = OrderedDict()
 
 
 def _coefs(b: torch.Tensor, t: torch.Tensor):
     """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) as [n,1,1,1], computed as the reference does:
     a = (1 - b).cumprod(0)[t], then a.sqrt() and (1 - a).sqrt(), in b's dtype on b's device."""
     key = (b._version, b.device, b.dtype)
-    hit = _ALPHAS.get(b)
-    if hit is None or hit[0] != key:
+    hit = _ALPHAS.get(id(b))
+    if hit is None or hit[0]() is not b or hit[1] != key:
         alpha_bar = (1 - b.detach()).cumprod(dim=0)
-        hit = (key, alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt())
-        _ALPHAS[b] = hit
-    _, sqrt_a, sqrt_1ma = hit
+        hit = (weakref.ref(b), key, alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt())
+        _ALPHAS[id(b)] = hit
+        while len(_ALPHAS) > 16:
+            _ALPHAS.popitem(last=False)
+    _, _, sqrt_a, sqrt_1ma = hit
     return sqrt_a.index_select(0, t).view(-1, 1, 1, 1), sqrt_1ma.index_select(0, t).view(-1, 1, 1, 1)
 
 
