@@ -50,7 +50,7 @@ def ref_generator_loss(true_score, fake_score, images, labels=None, augment_pipe
     n = torch.randn_like(y) * sigma
     y_real = true_score(y + n, sigma, labels, augment_labels=aug)
     y_fake = fake_score(y + n, sigma, labels, augment_labels=aug)
-    nan = torch.isnan(y).flatten(1).any(1) | torch.isnan(y_real).flatten(1).any(1) | torch.isnan(y_fake).flatten(1).any(1)
+    nan = sum(torch.isnan(v).flatten(1).any(1).int() for v in (y, y_real, y_fake)) > 0
     y, y_real, y_fake = y[~nan], y_real[~nan], y_fake[~nan]
     with torch.no_grad():
         w = (y - y_real).abs().float().mean(dim=[1, 2, 3], keepdim=True).clip(min=1e-5)
@@ -92,7 +92,8 @@ def _with_grads(fn, nets, seed):
     torch.manual_seed(seed)
     loss = fn()
     loss.sum().backward()
-    return loss.detach(), [torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]) for net in nets]
+    return loss.detach(), [torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+                           for net in nets]
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1.2])
