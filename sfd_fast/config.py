@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .ddpm.config import DDPMConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and the file and says what to do."""
@@ -37,7 +39,7 @@ class ScheduleConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"              # digits | stable_diffusion
+    kind: str = "digits"              # digits | stable_diffusion | ddpm
     teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
     generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
     hidden: int = 384                 # digits MLP width
@@ -161,6 +163,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,8 +265,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
     s, t, sch = cfg.sfd, cfg.train, cfg.schedule
-    if cfg.model.kind not in ("digits", "stable_diffusion"):
-        bad("model.kind", f"must be 'digits' or 'stable_diffusion', got {cfg.model.kind!r}")
+    if cfg.model.kind not in ("digits", "stable_diffusion", "ddpm"):
+        bad("model.kind", f"must be 'digits', 'stable_diffusion' or 'ddpm', got {cfg.model.kind!r}")
     if sch.beta_schedule not in ("linear", "scaled_linear"):
         bad("schedule.beta_schedule", f"must be 'linear' or 'scaled_linear', got {sch.beta_schedule!r}")
     if sch.prediction not in ("epsilon", "v_prediction"):
@@ -325,6 +328,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.ema.halflife_kimg", "must be >= 0")
     if cfg.model.kind == "stable_diffusion":
         validate_sd(cfg, bad)
+    if cfg.model.kind == "ddpm":
+        from .ddpm.checks import validate as validate_ddpm
+        validate_ddpm(cfg, bad)
     validate_engine(cfg, bad)
     if cfg.eval.samples_per_class <= 0:
         bad("eval.samples_per_class", "must be positive")

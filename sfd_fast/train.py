@@ -69,6 +69,13 @@ def build_parts(cfg):
             return build_sd_parts(cfg)
         except (FileNotFoundError, ValueError) as e:  # bad model / prompt inputs: a message, not a traceback
             raise SystemExit(f"error: {e}") from None
+    if cfg.model.kind == "ddpm":
+        from sfd_fast.ddpm.build import build_parts as build_ddpm_parts
+        from sfd_fast.ddpm.checkpoints import ReferenceCheckpointError
+        try:
+            return build_ddpm_parts(cfg)
+        except ReferenceCheckpointError as e:  # wrong architecture / unreadable file: a message
+            raise SystemExit(f"error: {e}") from None
     raise SystemExit(f"unknown model.kind {cfg.model.kind!r}")
 
 
