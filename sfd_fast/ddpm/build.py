@@ -24,18 +24,14 @@ from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
 from ..tasks import ClassForgetTask
 from ..trainer import RunParts
-from .checkpoints import atomic_torch_save, load_into, read_reference_list, select_state
+from .checkpoints import atomic_torch_save, load_into, read_reference_list, starting_states
 from .model import DDPMArch, DDPMUNet
 
 GRID_SEED = 2024
 
 
 def arch_from_config(cfg) -> DDPMArch:
-    d = cfg.ddpm
-    return DDPMArch(image_size=d.image_size, num_classes=cfg.sfd.num_classes, in_channels=d.in_channels,
-                    out_ch=d.in_channels, ch=d.ch, ch_mult=list(d.ch_mult), num_res_blocks=d.num_res_blocks,
-                    attn_resolutions=list(d.attn_resolutions), dropout=d.dropout,
-                    resamp_with_conv=d.resamp_with_conv)
+    return cfg.ddpm.arch(cfg.sfd.num_classes)
 
 
 def make_schedule(cfg) -> VPSchedule:
@@ -63,24 +59,11 @@ def resolve_checkpoint(cfg) -> Path:
     return Path(ck)
 
 
-def starting_states(cfg, path: Path) -> tuple[dict, dict, str]:
-    """(fake_score/teacher state, generator state, description) as the reference picks them."""
-    states = read_reference_list(path)
-    ema = cfg.ddpm.init_from_ema
-    if len(states) <= 4:
-        entry = "ema" if ema else "model"
-        state = select_state(states, entry, path)
-        return state, state, f"base DDPM {entry}"
-    gen_entry = "ema" if ema else "generator"
-    return (select_state(states, "fake_score", path), select_state(states, gen_entry, path),
-            f"two-stage: teacher/fake score = fake_score, generator = {gen_entry}")
-
-
 def build_parts(cfg) -> RunParts:
     """RunParts for the SFD trainer (teacher frozen, fake score and generator trained)."""
     arch = arch_from_config(cfg)
     path = resolve_checkpoint(cfg)
-    fake_state, gen_state, how = starting_states(cfg, path)
+    fake_state, gen_state, how = starting_states(read_reference_list(path), cfg.ddpm.init_from_ema, path)
     teacher_net = load_into(DDPMUNet(arch), fake_state, f"{path} (teacher / fake score)")
     fake_net = copy.deepcopy(teacher_net)
     gen_net = load_into(DDPMUNet(arch), gen_state, f"{path} (generator)")

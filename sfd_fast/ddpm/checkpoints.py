@@ -31,13 +31,19 @@ class ReferenceCheckpointError(ValueError):
     """A reference checkpoint that cannot be read or does not fit the network; the message says why."""
 
 
-def read_reference_list(path: str | Path) -> list:
-    """The checkpoint's list, loaded with weights_only=True (refusing anything that needs pickle code)."""
+def read_reference_list(path: str | Path, mmap: bool = False) -> list:
+    """The checkpoint's list, loaded with weights_only=True (refusing anything that needs pickle code).
+    mmap: map the tensors instead of reading them (for checks that only look at names and shapes)."""
     path = Path(path)
     if not path.is_file():
         raise ReferenceCheckpointError(f"reference checkpoint {path} does not exist")
     try:
-        states = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            states = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            states = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         raise ReferenceCheckpointError(
             f"{path}: refused, it needs full unpickling (it holds more than tensors, dicts and numbers: "
@@ -84,31 +90,61 @@ def select_state(states: list, entry: str, path: str | Path = "checkpoint") -> d
     return strip_module_prefix(state)
 
 
-def load_into(net: DDPMUNet, state: dict, where: str) -> DDPMUNet:
-    """Strict load that names the first missing / unexpected key and the first shape mismatch."""
-    own = net.state_dict()
+def describe_mismatch(own: dict, state: dict, arch: DDPMArch, where: str) -> str | None:
+    """Why `state` does not fit a network with state dict `own` (first missing / unexpected key,
+    first shape mismatch), or None when it fits exactly."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        a = net.arch
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys, first '{missing[0]}' {tuple(own[missing[0]].shape)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, first '{unexpected[0]}' "
-                         f"{tuple(state[unexpected[0]].shape)}")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"first shape mismatch '{k}': checkpoint {tuple(state[k].shape)} vs network "
-                         f"{tuple(own[k].shape)}")
-        raise ReferenceCheckpointError(
-            f"{where} does not fit the ddpm network (image_size {a.image_size}, ch {a.ch}, ch_mult {a.ch_mult}, "
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys, first '{missing[0]}' {tuple(own[missing[0]].shape)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, first '{unexpected[0]}' {tuple(state[unexpected[0]].shape)}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"first shape mismatch '{k}': checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)}")
+    a = arch
+    return (f"{where} does not fit the ddpm network (image_size {a.image_size}, ch {a.ch}, ch_mult {a.ch_mult}, "
             f"num_res_blocks {a.num_res_blocks}, attn_resolutions {a.attn_resolutions}, num_classes "
             f"{a.num_classes}): {'; '.join(parts)}. Set the ddpm section (or image_size) to the "
             "checkpoint's architecture")
+
+
+def load_into(net: DDPMUNet, state: dict, where: str) -> DDPMUNet:
+    """Strict load; a mismatch raises ReferenceCheckpointError (see describe_mismatch)."""
+    own = net.state_dict()
+    problem = describe_mismatch(own, state, net.arch, where)
+    if problem:
+        raise ReferenceCheckpointError(problem)
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return net
+
+
+def starting_states(states: list, init_from_ema: bool, path) -> tuple[dict, dict, str]:
+    """(teacher = fake-score start, generator start, description), as the reference train_sfd picks them:
+    base list: both = EMA (init_from_ema) or model; SiD/SFD list: fake = [0], generator = EMA or [2]."""
+    if len(states) <= 4:
+        entry = "ema" if init_from_ema else "model"
+        state = select_state(states, entry, path)
+        return state, state, f"base DDPM {entry}"
+    gen_entry = "ema" if init_from_ema else "generator"
+    return (select_state(states, "fake_score", path), select_state(states, gen_entry, path),
+            f"two-stage: teacher/fake score = fake_score, generator = {gen_entry}")
+
+
+def check_fits(path, arch: DDPMArch, init_from_ema: bool) -> None:
+    """Raise ReferenceCheckpointError unless the starting states of `path` fit `arch`. Cheap: the file
+    is memory-mapped and the network is built on the meta device."""
+    fake, gen, _ = starting_states(read_reference_list(path, mmap=True), init_from_ema, path)
+    with torch.device("meta"):
+        own = DDPMUNet(arch).state_dict()
+    for state, role in ((fake, "teacher / fake score"), (gen, "generator")):
+        problem = describe_mismatch(own, state, arch, f"{path} ({role})")
+        if problem:
+            raise ReferenceCheckpointError(problem)
 
 
 def load_reference_checkpoint(path, entry: str = "ema", image_size: int = 32, num_classes: int = 10,

@@ -49,3 +49,9 @@ def validate(cfg, bad) -> None:
         bad("ddpm.in_channels", f"must be >= 1, got {d.in_channels}")
     if d.grid_per_class < 1:
         bad("ddpm.grid_per_class", f"must be >= 1, got {d.grid_per_class}")
+    if d.checkpoint and not d.checkpoint.startswith("random:") and Path(d.checkpoint).is_file():
+        from .checkpoints import ReferenceCheckpointError, check_fits
+        try:  # names the first missing / unexpected key and shape, before any run folder is made
+            check_fits(d.checkpoint, d.arch(n), d.init_from_ema)
+        except ReferenceCheckpointError as e:
+            bad("ddpm.checkpoint", f"= {d.checkpoint!r}: {e}")

@@ -25,3 +25,11 @@ class DDPMConfig:
     resamp_with_conv: bool = True
     train_mode_dropout: bool = True
     grid_per_class: int = 8           # snapshot grid: images per class row
+
+    def arch(self, num_classes: int):
+        """The network hyper-parameters (a model.DDPMArch) for `num_classes` classes."""
+        from .model import DDPMArch
+        return DDPMArch(image_size=self.image_size, num_classes=num_classes, in_channels=self.in_channels,
+                        out_ch=self.in_channels, ch=self.ch, ch_mult=list(self.ch_mult),
+                        num_res_blocks=self.num_res_blocks, attn_resolutions=list(self.attn_resolutions),
+                        dropout=self.dropout, resamp_with_conv=self.resamp_with_conv)
