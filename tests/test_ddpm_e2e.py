@@ -123,3 +123,33 @@ def test_random_weights_are_built_once(tmp_path):
     assert parts.generator.net.update_dropout and parts.fake_score.net.update_dropout
     assert not parts.teacher.net.update_dropout
     assert parts.sample_shape == (3, 16, 16)
+
+
+def test_two_stage_teacher_is_the_stage1_fake_score(tmp_path):
+    """Stage 1 (SiD over all classes, reference --label_to_forget -1), export, then SFD from the
+    6-entry list: teacher = fake score = stage-1 fake score, generator = stage-1 EMA (spec §1a)."""
+    from sfd_fast.ddpm.build import build_parts
+    from sfd_fast.train import main as train_main
+    ckpt = save(base_list(tiny_state(1), tiny_state(2)), tmp_path / "ckpt.pth")
+    yml = tiny_yaml(tmp_path)
+    yml.write_text(yml.read_text().replace("forget_coef: 0.01", "forget_coef: 0.0"))
+    stage1 = tmp_path / "stage1.json"
+    import_main(["--out", str(stage1), str(yml), "--init_ckpt", str(ckpt), "--label_to_forget", "-1"])
+    run1 = tmp_path / "run1"
+    train_main(["--config", str(stage1), "--run-dir", str(run1), "--set", "run.device=cpu", "train.total_steps=2",
+                "train.progress=false"])
+    exported = tmp_path / "ckpt-1.pth"
+    export_main(["--format", "reference-ddpm", "--run", str(run1), "--out", str(exported)])
+    cfg = load_config(ROOT / "configs" / "ddpm_tiny.json", [f"ddpm.checkpoint={exported}"])
+    parts = build_parts(cfg)
+    ck = run1 / "checkpoints" / "step-00000002"
+    fake1 = load_file(str(ck / "fake_score.safetensors"))
+    assert same_weights(parts.teacher.net, fake1) and same_weights(parts.fake_score.net, fake1)
+    assert same_weights(parts.generator.net, load_file(str(ck / "generator_ema.safetensors")))
+
+
+def test_all_classes_task_draws_every_class():
+    from sfd_fast.ddpm.build import AllClassesTask
+    c = AllClassesTask(10).draw(2000, 0, torch.Generator().manual_seed(0), "cpu", "generator")
+    # 2000 uniform draws over 10 classes: P(some class never drawn) < 10 * 0.9^2000, negligible
+    assert sorted(c.generator_cond.unique().tolist()) == list(range(10)) and not c.is_forget.any()

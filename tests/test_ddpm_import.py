@@ -12,12 +12,23 @@ YAMLS = ROOT / "tests" / "data" / "reference_ddpm"
 SHIPPED = [("cifar10_sfd.yml", "cifar10_forget0.json", "checkpoints/cifar10_ddpm/ckpt.pth"),
            ("cifar10_sfd_2stage.yml", "cifar10_forget0_2stage.json", "checkpoints/cifar10_sid/ckpt-49999.pth"),
            ("stl10_sfd.yml", "stl10_forget0.json", "checkpoints/stl10_ddpm/ckpt.pth")]
+# the reference README's flags for each (stage 1 of the two-stage setting: no class forgotten)
+FLAGS = {"cifar10_sid.yml": ["--label_to_forget", "-1", "--mode", "sfd", "--sample_type", "one_step",
+                             "--cond_scale", "0"]}
 
 
-@pytest.mark.parametrize("yml,shipped,ckpt", SHIPPED)
+@pytest.mark.parametrize("yml,shipped,ckpt", SHIPPED + [("cifar10_sid.yml", "cifar10_sid_stage1.json",
+                                                          "checkpoints/cifar10_ddpm/ckpt.pth")])
 def test_import_of_each_reference_yaml_equals_the_shipped_config(yml, shipped, ckpt):
-    flags = ["--init_ckpt", ckpt, "--label_to_forget", "0", "--seed", "1234"]
+    flags = ["--init_ckpt", ckpt] + FLAGS.get(yml, ["--label_to_forget", "0"]) + ["--seed", "1234"]
     assert convert(str(YAMLS / yml), flags) == json.loads((ROOT / "configs" / shipped).read_text())
+
+
+def test_stage1_config_distils_all_classes():
+    c = json.loads((ROOT / "configs" / "cifar10_sid_stage1.json").read_text())
+    s = c["sfd"]
+    assert (s["forget_class"], s["sg_forget_coef"], s["g_forget_coef"]) == (-1, 0.0, 0.0)
+    assert (c["optim"]["fake_score"]["lr"], c["optim"]["generator"]["lr"]) == (3e-5, 1e-5)
 
 
 @pytest.mark.parametrize("yml,shipped,ckpt", SHIPPED)

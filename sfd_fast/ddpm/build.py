@@ -30,6 +30,16 @@ from .model import DDPMArch, DDPMUNet
 GRID_SEED = 2024
 
 
+class AllClassesTask(ClassForgetTask):
+    """Stage-1 SiD (reference --label_to_forget -1, forget coefficients 0): remain rows over every class."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes, forget_class=0, override="fixed", override_class=0)
+
+    def remain_classes(self, n: int, rng: torch.Generator, device) -> torch.Tensor:
+        return torch.randint(0, self.num_classes, (n,), generator=rng, device=device)
+
+
 def arch_from_config(cfg) -> DDPMArch:
     return cfg.ddpm.arch(cfg.sfd.num_classes)
 
@@ -48,7 +58,7 @@ def random_checkpoint(folder: str | Path, arch: DDPMArch) -> Path:
             torch.manual_seed(0)
             state = DDPMUNet(arch).state_dict()
         # the base layout [model, opt, step, ema], as the reference's DDPM training writes it
-        atomic_torch_save([state, {"state": {}, "param_groups": []}, 0, copy.deepcopy(state)], path)
+        atomic_torch_save([state, {"state": {}, "param_groups": []}, 0, state], path)  # EMA = model (saved once)
     return path
 
 
@@ -74,7 +84,8 @@ def build_parts(cfg) -> RunParts:
     teacher = ClassCondDenoiser(teacher_net, make_schedule(cfg), n)
     fake_score = ClassCondDenoiser(fake_net, make_schedule(cfg), n)
     generator = OneStepGenerator(ClassCondDenoiser(gen_net, make_schedule(cfg), n), s.t_init)
-    task = ClassForgetTask(n, s.forget_class, s.override, s.override_class)
+    task = (AllClassesTask(n) if s.forget_class < 0
+            else ClassForgetTask(n, s.forget_class, s.override, s.override_class))
     shape = (cfg.ddpm.in_channels, cfg.ddpm.image_size, cfg.ddpm.image_size)
     per_class = cfg.ddpm.grid_per_class
 

@@ -10,11 +10,16 @@ def validate(cfg, bad) -> None:
     n = s.num_classes
     if n < 2:
         bad("sfd.num_classes", f"must be >= 2 (the network's classes), got {n}")
-    if not 0 <= s.forget_class < n:
-        bad("sfd.forget_class", f"must be one of the model's classes [0, {n}), got {s.forget_class}")
+    if s.forget_class == -1:  # stage-1 SiD of the two-stage setting: distil all classes, forget none
+        if s.sg_forget_coef or s.g_forget_coef:
+            bad("sfd.forget_class", "is -1 (no class forgotten: stage-1 SiD) but sfd.sg_forget_coef / "
+                "g_forget_coef are not 0; set both to 0, or name a class to forget")
+    elif not 0 <= s.forget_class < n:
+        bad("sfd.forget_class", f"must be one of the model's classes [0, {n}) (or -1 for stage-1 SiD "
+            f"without forgetting), got {s.forget_class}")
     if s.override not in ("fixed", "random"):
         bad("sfd.override", f"must be 'fixed' or 'random', got {s.override!r}")
-    if s.override == "fixed":
+    if s.override == "fixed" and s.forget_class != -1:
         if not 0 <= s.override_class < n:
             bad("sfd.override_class", f"must be one of the model's classes [0, {n}), got {s.override_class}")
         if s.override_class == s.forget_class:

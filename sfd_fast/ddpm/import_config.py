@@ -153,7 +153,9 @@ def ddpm_yaml_to_config(yaml_path: str | Path, flag_tokens: list[str]) -> dict:
              "distill.cond_scale / cond_drop_prob other than 0")
     _require(float(ds.get("forget_warmup", 0)) == 0, src, "distill.forget_warmup other than 0")
     label = flags.get("label_to_forget", 0)
-    _require(label >= 0, src, f"--label_to_forget {label} (stage-1 SiD without forgetting)")
+    no_forget = float(ds.get("sg_forget_coef", 0)) == 0 and float(ds.get("g_forget_coef", 0)) == 0
+    _require(label >= 0 or (label == -1 and no_forget), src,
+             f"--label_to_forget {label} (only -1 with zero forget coefficients: stage-1 SiD)")
     override = ds.get("label_to_override")
     if override is None:
         _require(ds.get("pseudo_label_type") == "rand", src,
@@ -168,7 +170,7 @@ def ddpm_yaml_to_config(yaml_path: str | Path, flag_tokens: list[str]) -> dict:
                      "6-entry SiD/SFD ckpt-*.pth for the two-stage start; point it at your file with "
                      "--set ddpm.checkpoint=PATH. Dropout is on in the fake score's and the generator's own "
                      "updates, as the reference's train-mode networks (ddpm.train_mode_dropout)."),
-        "run": {"name": f"{Path(src).stem}_forget{label}", "root": "runs", "seed": int(flags.get("seed", 1234)),
+        "run": {"name": f"{Path(src).stem}_forget{label}" if label >= 0 else f"{Path(src).stem}_all_classes", "root": "runs", "seed": int(flags.get("seed", 1234)),
                 "device": "auto"},
         "model": {"kind": "ddpm"},
         "schedule": {"beta_schedule": "linear", "beta_start": float(df["beta_start"]), "beta_end": float(df["beta_end"]),
