@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_returns_success_status(monkeypatch):
-    monkeypatch.setitem(cli.COMMANDS, "noop", lambda argv: "/some/path")  # a command returning a value
+    monkeypatch.setitem(cli.COMMANDS, "noop", (lambda argv: "/some/path", "returns a value"))
     assert cli.main(["noop"]) == 0
 
 

@@ -22,7 +22,7 @@ from ..denoisers import ClassCondDenoiser
 from ..evaluation.grid import save_image_grid
 from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
-from ..tasks import ClassForgetTask
+from ..conditions import ClassForgetTask
 from ..trainer import RunParts
 from .checkpoints import atomic_torch_save, load_into, read_reference_list, starting_states
 from .model import DDPMArch, DDPMUNet

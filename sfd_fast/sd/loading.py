@@ -79,7 +79,7 @@ def _check_pretrained(pretrained: str) -> tuple[str, bool]:
                 f"diffusers pipeline folder (as written by StableDiffusionPipeline.save_pretrained) "
                 f"with {', '.join(REQUIRED_PARTS)}; download the full model (e.g. "
                 f"`huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir DIR`) or "
-                f"build a test one with `python -m sfd_fast.models.tiny_sd DIR`.")
+                f"build a test one with `python -m sfd_fast.sd.tiny DIR`.")
         return str(p), True
     if p.exists():
         raise ValueError(f"pretrained={str(p)!r} is a file, not a diffusers Stable Diffusion folder.")

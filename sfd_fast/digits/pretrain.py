@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, save_safetensors_atomic
-from .config import Config
-from .data.digits import load_digits_tensors, train_test_split
-from .models.digits import DigitsClassifier, DigitsEpsMLP
-from .schedules import VPSchedule
+from ..checkpoint import atomic_write_text, save_safetensors_atomic
+from ..config import Config
+from ..schedules import VPSchedule
+from .data import load_digits_tensors, train_test_split
+from .model import DigitsClassifier, DigitsEpsMLP
 
 log = logging.getLogger("sfd_fast")
 

@@ -55,14 +55,6 @@ def concept_pattern(concept: str) -> re.Pattern:
     return re.compile("|".join(alts), flags=re.IGNORECASE)
 
 
-def apply_context_dropout(prompts: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Each prompt becomes "" with probability p (one vectorised draw of len(prompts) uniforms)."""
-    if p <= 0:
-        return list(prompts)
-    drop = (torch.rand(len(prompts), generator=generator, device=generator.device) < p).tolist()
-    return ["" if d else s for s, d in zip(prompts, drop)]
-
-
 def _randint(high: int, n: int, generator: torch.Generator) -> list[int]:
     # On the generator's device (the trainer's generator may be a CUDA one); .tolist() is the one
     # host sync per draw that picking strings needs.

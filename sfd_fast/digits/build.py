@@ -7,15 +7,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import Config
-from .denoisers import ClassCondDenoiser
-from .evaluation.grid import save_image_grid
-from .generator import OneStepGenerator
-from .models.digits import DigitsEpsMLP
+from ..checkpoint import generator_weights_file
+from ..conditions import ClassForgetTask
+from ..config import Config
+from ..denoisers import ClassCondDenoiser
+from ..evaluation.grid import save_image_grid
+from ..generator import OneStepGenerator
+from ..schedules import VPSchedule
+from ..trainer import RunParts
+from .model import DigitsEpsMLP
 from .pretrain import get_digits_teacher
-from .schedules import VPSchedule
-from .tasks import ClassForgetTask
-from .trainer import RunParts
 
 SAMPLE_SHAPE = (1, 8, 8)
 GRID_SEED = 2024
@@ -31,12 +32,8 @@ def load_generator_init(cfg: Config, teacher_net: DigitsEpsMLP) -> DigitsEpsMLP:
     net = copy.deepcopy(teacher_net)
     if cfg.model.generator_init != "teacher":
         path = Path(cfg.model.generator_init)
-        if path.is_dir():  # a run directory or checkpoint folder: take its EMA (else raw) generator
-            from .checkpoint import latest_checkpoint
-            ck = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-            path = ck / "generator_ema.safetensors"
-            if not path.is_file():
-                path = ck / "generator.safetensors"
+        if path.is_dir():  # a run directory or checkpoint folder: its EMA (else raw) generator
+            path = generator_weights_file(path)
         net.load_state_dict(load_file(str(path)))
     return net
 
@@ -48,7 +45,7 @@ def one_step_samples(generator: OneStepGenerator, labels: torch.Tensor, seed: in
         return generator(z, labels)
 
 
-def build_digits_parts(cfg: Config) -> RunParts:
+def build_parts(cfg: Config) -> RunParts:
     teacher_net, teacher_path = get_digits_teacher(cfg)
     s = cfg.sfd
     teacher = ClassCondDenoiser(teacher_net, make_schedule(cfg), s.num_classes)

@@ -1,6 +1,6 @@
 """The Stable Diffusion family: teacher, fake score, generator, text task and sample grids.
 
-`build_sd_parts(cfg)` (called by train.py for model.kind == "stable_diffusion"):
+`build_parts(cfg)` (called by train.py for model.kind == "stable_diffusion"):
   1. loads the pipeline through `load_stable_diffusion(cfg.model.pretrained)` (fp32 master weights;
      bf16 compute comes from engine.precision's autocast). The prediction type (epsilon or
      v_prediction) and the betas come from the model's scheduler config, not from cfg.schedule;
@@ -8,16 +8,17 @@
      the weights of `model.generator_init` ("teacher", a diffusers UNet / pipeline folder, a
      safetensors state dict, a sfd-fast run or checkpoint folder, or - only with
      model.trust_pickle - a SiD-LSG pickle {"ema": UNet});
-  3. the TextForgetTask (text_task.py) over the remain / forget prompt sets, with the text encoder
+  3. the TextForgetTask (text.py) over the remain / forget prompt sets, with the text encoder
      behind a TextEncoderCache;
   4. save_grid: one-step samples (fixed latents, seed 2024) for the grid prompts, VAE-decoded.
 
 `model.pretrained = "tiny:DIR"` builds a tiny random pipeline in DIR on first use
-(models/tiny_sd.py) and then loads it through the same code as a real one (CPU smoke runs, tests).
+(tiny.py) and then loads it through the same code as a real one (CPU smoke runs, tests).
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import pickle
@@ -25,17 +26,17 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .conditioning import TextEncoderCache
-from .data.prompts import ForgetPromptSet, RemainPromptSet
-from .generator import OneStepGenerator
-from .models.stable_diffusion import SDComponents, load_stable_diffusion, sd_denoiser
-from .text_task import TextForgetTask
-from .trainer import RunParts
+from ..checkpoint import generator_weights_file
+from ..config import Config
+from ..generator import OneStepGenerator
+from ..trainer import RunParts
+from .loading import SDComponents, load_stable_diffusion, sd_denoiser
+from .prompts import ForgetPromptSet, RemainPromptSet
+from .sampling import make_save_grid
+from .text import TextEncoderCache, TextForgetTask
 
 log = logging.getLogger("sfd_fast")
 
-GRID_SEED = 2024
 TINY_PREFIX = "tiny:"
 
 
@@ -49,29 +50,16 @@ def resolve_pretrained(pretrained: str, prediction: str = "epsilon") -> str:
         return pretrained
     d = Path(pretrained[len(TINY_PREFIX):]).expanduser()
     if not (d / "model_index.json").is_file():
-        from .models.tiny_sd import build_tiny_sd
+        from .tiny import build_tiny_sd
         log.info("building the tiny random Stable Diffusion pipeline in %s (%s)", d, prediction)
         build_tiny_sd(d, prediction_type=prediction)
     return str(d)
 
 
-def attention_backend(engine_attention: str) -> str:
-    """engine.attention -> load_stable_diffusion's attention ("auto" picks xformers if importable)."""
-    if engine_attention != "auto":
-        return engine_attention
-    try:
-        import xformers  # noqa: F401
-        choice = "xformers"
-    except ImportError:
-        choice = "sdpa"
-    log.info("engine.attention auto -> %s", choice)
-    return choice
-
-
 def load_sd_components(cfg: Config, device) -> SDComponents:
     src = resolve_pretrained(cfg.model.pretrained, cfg.schedule.prediction)
-    comps = load_stable_diffusion(src, device=device, dtype=torch.float32,
-                                  attention=attention_backend(cfg.engine.attention))
+    # attention: the loader's SDPA default; training applies engine.attention once (engine/accelerate.py)
+    comps = load_stable_diffusion(src, device=device, dtype=torch.float32)
     if cfg.schedule.prediction != comps.prediction:
         log.warning("schedule.prediction=%r differs from the model's scheduler config (%r); the model's "
                     "prediction type is used", cfg.schedule.prediction, comps.prediction)
@@ -112,11 +100,8 @@ def generator_init_state(init: str, trust_pickle: bool = False) -> dict | None:
         from safetensors.torch import load_file
         return load_file(str(path))
     if (path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file():
-        from .checkpoint import latest_checkpoint
-        ck = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
         from safetensors.torch import load_file
-        f = ck / "generator_ema.safetensors"
-        return load_file(str(f if f.is_file() else ck / "generator.safetensors"))
+        return load_file(str(generator_weights_file(path)))
     from diffusers import UNet2DConditionModel
     sub = "unet" if (path / "unet").is_dir() else None
     if not ((path / (sub or "") / "config.json").is_file()):
@@ -167,78 +152,12 @@ def grid_prompts(cfg: Config, forget: ForgetPromptSet) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# sampling
-# ---------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample_latents(generator: OneStepGenerator, z: torch.Tensor, cond: torch.Tensor, steps: int = 1,
-                   rng: torch.Generator | None = None) -> torch.Tensor:
-    """One- or multi-step generator sampling (the reference's eval sampler, spec §1b):
-    step i uses t_i = floor(t_init (1 - i/steps)) and re-noises the current x0 with fresh noise
-    (step 0: x0 = 0 and the noise is z, i.e. x = b_init z). Returns float32 x0 latents."""
-    den = generator.denoiser
-    x0 = torch.zeros_like(z, dtype=torch.float32)
-    for i in range(steps):
-        t_i = int(generator.t_init * (1 - i / steps))
-        noise = z if i == 0 else torch.randn(z.shape, generator=rng, device=z.device, dtype=z.dtype)
-        t = torch.full((z.shape[0],), t_i, dtype=torch.long, device=z.device)
-        x = den.schedule.add_noise(x0, noise.float(), t)
-        x0 = den.x0(x, t, cond)
-    return x0
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, scaling_factor: float, chunk: int = 4) -> torch.Tensor:
-    """VAE decode in chunks (bounded memory); float32 pixels in about [-1, 1]."""
-    dtype = next(vae.parameters()).dtype
-    out = [vae.decode((latents[i:i + chunk] / scaling_factor).to(dtype)).sample.float()
-           for i in range(0, latents.shape[0], chunk)]
-    return torch.cat(out)
-
-
-def grid_latents(n: int, shape: tuple, device, seed: int = GRID_SEED) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(seed)  # CPU draw: the same latents on any device
-    return torch.randn((n, *shape), generator=g).to(device)
-
-
-def render(generator: OneStepGenerator, comps: SDComponents, cache: TextEncoderCache, prompts: list[str],
-           per_prompt: int, shape: tuple, seed: int = GRID_SEED, steps: int = 1, chunk: int = 8) -> torch.Tensor:
-    """(len(prompts) * per_prompt, 3, H, W) images in [-1, 1]; row r = prompts[r]."""
-    device = next(generator.parameters()).device
-    rows = [p for p in prompts for _ in range(per_prompt)]
-    z = grid_latents(len(rows), shape, device, seed)
-    cond = cache.encode(rows, cache=True).to(device)
-    rng = torch.Generator(device=device).manual_seed(seed + 1)
-    # chunks bound the activation memory at 512 px (same latents, so the same images)
-    x0 = torch.cat([sample_latents(generator, z[i:i + chunk], cond[i:i + chunk], steps, rng)
-                    for i in range(0, len(rows), chunk)])
-    return decode_latents(comps.vae, x0, comps.vae_scaling_factor)
-
-
-def make_save_grid(comps: SDComponents, cache: TextEncoderCache, prompts: list[str], per_prompt: int,
-                   shape: tuple):
-    from .evaluation.grid import save_image_grid
-
-    def save_grid(generator: OneStepGenerator, path: Path):
-        was_training = generator.training
-        generator.eval()
-        images = render(generator, comps, cache, prompts, per_prompt, shape)
-        generator.train(was_training)
-        path = Path(path)
-        save_image_grid(images, len(prompts), path)
-        path.with_suffix(".txt").write_text("".join(f"row {i}: {p}\n" for i, p in enumerate(prompts)))
-        return path
-
-    return save_grid
-
-
-# ---------------------------------------------------------------------------------------------------
 # the family entry point
 # ---------------------------------------------------------------------------------------------------
 
-def build_sd_parts(cfg: Config) -> RunParts:
+def build_parts(cfg: Config) -> RunParts:
     """RunParts for SD concept forgetting (see the module docstring)."""
-    from .engine import resolve_device
+    from ..engine import resolve_device
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per launched rank
@@ -272,3 +191,46 @@ def build_sd_parts(cfg: Config) -> RunParts:
              comps.source, comps.prediction, shape, len(task.remain), len(task.forget), len(grid))
     return RunParts(task, teacher, fake_score, generator, shape, save_grid,
                     {"components": comps, "text_cache": cache, "grid_prompts": grid})
+
+
+# ---------------------------------------------------------------------------------------------------
+# a finished run, loaded back (sample / export)
+# ---------------------------------------------------------------------------------------------------
+
+def run_config(run_dir: Path):
+    """The run's resolved config.json (types checked; prompt files are not re-validated here)."""
+    from ..config import ConfigError, _build
+    f = Path(run_dir) / "config.json"
+    if not f.is_file():
+        raise SystemExit(f"error: {run_dir} has no config.json; is it a sfd-fast run directory?")
+    try:
+        cfg = _build(Config, json.loads(f.read_text()), "", str(f))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.model.kind != "stable_diffusion":
+        raise SystemExit(f"error: {run_dir} is a {cfg.model.kind!r} run; sample/export are for stable_diffusion runs")
+    return cfg
+
+
+def generator_weights(run_dir: Path, checkpoint: str | None = None, raw: bool = False) -> tuple[dict, str]:
+    """(UNet state dict, description) of the generator: EMA if present (unless raw), else raw."""
+    from safetensors.torch import load_file
+
+    from ..checkpoint import generator_weights_file
+    try:
+        f = generator_weights_file(Path(checkpoint) if checkpoint else Path(run_dir), raw)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    return load_file(str(f)), f"{f.parent.name}/{f.name}"
+
+
+def load_run_generator(run_dir: Path, device, checkpoint=None, raw=False):
+    """-> (cfg, SDComponents, OneStepGenerator with the run's weights, description)."""
+    from ..denoisers import TextUNetDenoiser
+
+    cfg = run_config(run_dir)
+    comps = load_sd_components(cfg, device)
+    state, desc = generator_weights(run_dir, checkpoint, raw)
+    comps.unet.load_state_dict(state)
+    generator = OneStepGenerator(TextUNetDenoiser(comps.unet, comps.schedule), cfg.sfd.t_init).eval()
+    return cfg, comps, generator, desc

@@ -122,7 +122,7 @@ def make_optimizer(cfg_role, engine_cfg, params, device: torch.device,
                    guard: Optional[NonfiniteGuard] = None) -> torch.optim.Optimizer:
     """The optimizer of one trained network (cfg_role: config.OptimizerConfig).
 
-    engine.optimizer 'adam': fused torch Adam (same numerics as engine.make_adam);
+    engine.optimizer 'adam': fused torch Adam (one kernel per step; consumes found_inf on the device);
     'adam8bit': bitsandbytes Adam8bit (8-bit state for tensors >= 4096 elements; smaller ones,
     and under ZeRO a rank's flat partition below 4096 elements, keep fp32 state)."""
     params = list(params)

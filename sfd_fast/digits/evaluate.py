@@ -10,13 +10,21 @@ Samples are clamped to the data range [-1, 1] before classification, as a saved 
 """
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from ..data.digits import load_digits_tensors
-from ..denoisers import Denoiser
+from ..checkpoint import atomic_write_text
+from ..denoisers import ClassCondDenoiser, Denoiser
+from ..evaluation.frechet import frechet_distance
+from ..generator import OneStepGenerator
 from ..schedules import ddim_timesteps
-from .frechet import frechet_distance
+from .data import load_digits_tensors
+
+log = logging.getLogger("sfd_fast")
 
 
 @torch.no_grad()
@@ -79,3 +87,25 @@ def evaluate_digits(classifier, final_gen, init_gen, teacher: Denoiser, forget_c
         "samples_per_class": samples_per_class,
         "teacher_ddim_steps": teacher_steps,
     }
+
+
+def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
+    """The end-of-run evaluation of a digits run: eval.json and the final grid (rank 0 only)."""
+    from .build import load_generator_init, make_schedule
+    from .pretrain import get_digits_classifier
+
+    clf, clf_meta = get_digits_classifier(cfg)
+    device = trainer.device
+    init_net = load_generator_init(cfg, parts.teacher.net).to(device)
+    init_gen = OneStepGenerator(ClassCondDenoiser(init_net, make_schedule(cfg).to(device), cfg.sfd.num_classes),
+                                cfg.sfd.t_init)
+    metrics = evaluate_digits(clf, trainer.generator_ema, init_gen, trainer.teacher, cfg.sfd.forget_class,
+                              cfg.sfd.num_classes, cfg.eval.samples_per_class, cfg.eval.teacher_steps)
+    metrics["classifier_accuracy"] = clf_meta["heldout_accuracy"]
+    metrics["step"] = trainer.step
+    atomic_write_text(run_dir / "eval.json", json.dumps(metrics, indent=1))
+    grid = run_dir / "samples_final.png"
+    parts.save_grid(trainer.generator_ema, grid)
+    log.info("eval: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
+    log.info("eval.json: %s  grid (one row per digit 0-9): %s", run_dir / "eval.json", grid)
+    return {"eval": metrics, "grid": str(grid)}

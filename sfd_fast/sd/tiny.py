@@ -2,7 +2,7 @@
 
 `build_tiny_sd(out_dir)` writes a diffusers folder (model_index.json, unet/, text_encoder/,
 tokenizer/, vae/, scheduler/) that `diffusers.StableDiffusionPipeline.from_pretrained(out_dir)` and
-`sfd_fast.models.stable_diffusion.load_stable_diffusion(out_dir)` both load. Nothing is downloaded.
+`sfd_fast.sd.loading.load_stable_diffusion(out_dir)` both load. Nothing is downloaded.
 
 Geometry mirrors SD1.5 where it matters to the engine:
   * text embeddings are (B, 77, D) (D = 32 here instead of 768);
@@ -16,7 +16,7 @@ word-final forms), merges learnt on a built-in word list plus every `*.txt` prom
 `configs/prompts/` (so the shipped prompts tokenize into whole words and fit in 77 tokens), and the
 two special tokens. Unknown words fall back to byte/character tokens, never to `<unk>` for ASCII.
 
-CLI:  python -m sfd_fast.models.tiny_sd OUT_DIR [--prediction v_prediction] [--seed 0]
+CLI:  python -m sfd_fast.sd.tiny OUT_DIR [--prediction v_prediction] [--seed 0]
 """
 from __future__ import annotations
 
