@@ -24,7 +24,7 @@ from ddpm_baseline_step import BaselineDDPMSFD
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
-    "cifar-cpu": dict(device="cpu", batch=2, rounds=(3, 3), threads=1),
+    "cifar-cpu": dict(device="cpu", batch=2, rounds=(5, 5), threads=1),
     "cifar-cuda": dict(device="cuda", batch=128, rounds=(10, 5), threads=None),
 }
 
