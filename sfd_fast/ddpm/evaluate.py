@@ -145,3 +145,7 @@ def main(argv=None) -> int:
     atomic_write_text(out, json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -336,3 +336,7 @@ def main(argv=None) -> int:
         atomic_write_text(out, text)
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -202,3 +202,7 @@ def export_main(argv=None) -> int:
     out = export_reference(a.run, a.out, a.checkpoint)
     print(f"wrote {out} (reference SFD list: fake_score, opt, generator, opt, step, ema)")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
