@@ -39,7 +39,13 @@ def test_tiny_reference_path_end_to_end(tmp_path):
     assert import_main(["--out", str(cfg_path), str(tiny_yaml(tmp_path)), "--init_ckpt", str(ckpt),
                         "--label_to_forget", "0", "--seed", "7"]) == 0
     run = tmp_path / "run"
-    train_main(["--config", str(cfg_path), "--run-dir", str(run), "--set", "run.device=cpu", "train.progress=false"])
+    from .test_ddpm_evaluate import constant_classifier
+    clf = constant_classifier(tmp_path / "clf.pth", 1)  # classifies everything as class 1
+    train_main(["--config", str(cfg_path), "--run-dir", str(run), "--set", "run.device=cpu", "train.progress=false",
+                f"ddpm.classifier={clf}", "eval.samples_per_class=3"])
+    ev = json.loads((run / "eval.json").read_text())  # end-of-run UA on the forgotten class 0
+    assert (ev["ua"], ev["n_images"], ev["forget_class"], ev["step"]) == (1.0, 3, 0, 3)
+    assert sorted(p.name for p in (run / "eval_samples").iterdir())[-1] == "000_00002.png"
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["step"] == 3 and all(v == v for v in (stats[-1]["fake_score_loss/remain"],
                                                            stats[-1]["generator_loss/forget"]))
@@ -138,6 +144,7 @@ def test_two_stage_teacher_is_the_stage1_fake_score(tmp_path):
     run1 = tmp_path / "run1"
     train_main(["--config", str(stage1), "--run-dir", str(run1), "--set", "run.device=cpu", "train.total_steps=2",
                 "train.progress=false"])
+    assert json.loads((run1 / "eval.json").read_text())["skipped"][0].startswith("UA: no ddpm.classifier")
     exported = tmp_path / "ckpt-1.pth"
     export_main(["--format", "reference-ddpm", "--run", str(run1), "--out", str(exported)])
     cfg = load_config(ROOT / "configs" / "ddpm_tiny.json", [f"ddpm.checkpoint={exported}"])
@@ -153,3 +160,8 @@ def test_all_classes_task_draws_every_class():
     c = AllClassesTask(10).draw(2000, 0, torch.Generator().manual_seed(0), "cpu", "generator")
     # 2000 uniform draws over 10 classes: P(some class never drawn) < 10 * 0.9^2000, negligible
     assert sorted(c.generator_cond.unique().tolist()) == list(range(10)) and not c.is_forget.any()
+
+
+def test_missing_classifier_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="'ddpm.classifier' = .*does not exist"):
+        load_config(_tiny_cfg(tmp_path), [f"ddpm.classifier={tmp_path / 'nope.pth'}"])

@@ -51,6 +51,7 @@ def test_shipped_configs_hold_the_reference_values(yml, shipped, ckpt):
     assert d["image_size"] == (64 if stl else 32) and d["attn_resolutions"] == [16] and d["dropout"] == 0.1
     assert d["init_from_ema"] is True and d["train_mode_dropout"] is True
     assert d["checkpoint"] == ckpt
+    assert c["eval"]["samples_per_class"] == (1300 if stl else 5000)  # the reference's UA sample counts
 
 
 def test_shipped_config_validates_once_the_checkpoint_exists(tmp_path):

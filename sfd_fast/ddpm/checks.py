@@ -60,3 +60,6 @@ def validate(cfg, bad) -> None:
             check_fits(d.checkpoint, d.arch(n), d.init_from_ema)
         except ReferenceCheckpointError as e:
             bad("ddpm.checkpoint", f"= {d.checkpoint!r}: {e}")
+    if d.classifier and not Path(d.classifier).is_file():
+        bad("ddpm.classifier", f"= {d.classifier!r} does not exist; give the reference train_classifier.py "
+            "output (e.g. cifar10_resnet34.pth) or leave it empty to skip the UA evaluation")

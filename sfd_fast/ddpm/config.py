@@ -25,6 +25,7 @@ class DDPMConfig:
     resamp_with_conv: bool = True
     train_mode_dropout: bool = True
     grid_per_class: int = 8           # snapshot grid: images per class row
+    classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
 
     def arch(self, num_classes: int):
         """The network hyper-parameters (a model.DDPMArch) for `num_classes` classes."""

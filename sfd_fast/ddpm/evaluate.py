@@ -121,6 +121,39 @@ def unlearning_accuracy(images_dir, classifier, forget_class: int, device="cpu",
             "denominator": "images of the forgotten class (the reference divides by all images; fixed)"}
 
 
+def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
+    """End of a ddpm run (rank 0): UA of the EMA generator on the forgotten class -> eval.json.
+
+    Samples eval.samples_per_class images of the forgotten class into run_dir/eval_samples (reference
+    naming). Without ddpm.classifier (or with no class forgotten) UA is skipped and eval.json says so."""
+    import logging
+
+    from ..checkpoint import atomic_write_text
+    from .sample import sample_to_folder
+    log = logging.getLogger("sfd_fast")
+    s, d = cfg.sfd, cfg.ddpm
+    result: dict = {"step": trainer.step, "skipped": []}
+    if not d.classifier:
+        result["skipped"].append("UA: no ddpm.classifier (the reference's train_classifier.py ResNet-34 state dict)")
+    elif s.forget_class < 0:
+        result["skipped"].append("UA: no class is forgotten (sfd.forget_class -1)")
+    else:
+        folder = run_dir / "eval_samples"
+        shape = (d.in_channels, d.image_size, d.image_size)
+        sample_to_folder(trainer.generator_ema, [s.forget_class], cfg.eval.samples_per_class, folder, shape,
+                         progress=False)
+        result.update(unlearning_accuracy(folder, load_classifier(d.classifier, s.num_classes), s.forget_class,
+                                          trainer.device))
+    result["skipped"].append("FID / Inception Score: not built in (run the reference evaluator on "
+                             "`sfd-fast sample` output)")
+    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
+    for line in result["skipped"]:
+        log.info("eval skipped: %s", line)
+    if "ua" in result:
+        log.info("eval: UA %.4f over %d samples of class %d", result["ua"], result["n_images"], s.forget_class)
+    return {"eval": result}
+
+
 def main(argv=None) -> int:
     """sfd-fast eval-ddpm --images DIR --classifier PATH --forget-class K [--out FILE]"""
     p = argparse.ArgumentParser(prog="sfd-fast eval-ddpm", description=__doc__,

@@ -65,6 +65,7 @@ def _bool(v) -> bool:
 # DDPM: YAML + train.py flags
 # ---------------------------------------------------------------------------------------------------
 
+UA_SAMPLES = {"CIFAR10": 5000, "STL10": 1300}
 DDPM_FLAGS = {"init_ckpt": str, "label_to_forget": int, "seed": int, "config": str, "mode": str,
               "sample_type": str, "cond_scale": float, "init_ckpt_0": str}
 # option -> required value (or None: any value) for options that do not affect data-free SFD training
@@ -187,13 +188,15 @@ def ddpm_yaml_to_config(yaml_path: str | Path, flag_tokens: list[str]) -> dict:
                   "sample_every": int(tr["snapshot_freq"]),
                   "ema": {"decay": float(m.get("ema_rate", 0.9999)) if ema_on else None, "halflife_kimg": 0.0}},
         "engine": {"backend": "plain", "precision": "fp32", "compile": False},
+        # UA sample count of the reference's ua_ddpm.py: 5000 (CIFAR-10), 1300 (STL-10)
+        "eval": {"enabled": True, "samples_per_class": UA_SAMPLES.get(str(d.get("dataset")), 1000)},
         "ddpm": {"checkpoint": flags.get("init_ckpt", ""), "init_from_ema": bool(ds.get("init_from_ema", False)),
                  "image_size": int(d["image_size"]), "in_channels": int(m.get("in_channels", 3)),
                  "ch": int(m["ch"]), "ch_mult": [int(c) for c in m["ch_mult"]],
                  "num_res_blocks": int(m["num_res_blocks"]),
                  "attn_resolutions": [int(r) for r in m["attn_resolutions"]], "dropout": float(m["dropout"]),
                  "resamp_with_conv": bool(m.get("resamp_with_conv", True)), "train_mode_dropout": True,
-                 "grid_per_class": max(vis // n_classes, 1)},
+                 "grid_per_class": max(vis // n_classes, 1), "classifier": ""},
     }
 
 
