@@ -48,9 +48,10 @@ class BaselineDDPMSFD:
         c = r + (r >= self.forget).long()
         return x.to(self.device), c.to(self.device)
 
-    def run_generator(self, x, c, net):
+    def run_generator(self, x, c, net, z=None):
+        """x0 = xt / a_init - sigma_init * eps(xt), xt = b_init * z (z drawn here unless given)."""
         t = torch.empty(x.size(0), device=self.device).fill_(self.t_init)
-        xt = self.init_b * torch.randn_like(x)
+        xt = self.init_b * (torch.randn_like(x) if z is None else z)
         return xt / self.init_a - self.init_sigma * net(xt, t, c)
 
     def draw_t(self):
