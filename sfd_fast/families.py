@@ -23,6 +23,8 @@ FAMILIES: dict[str, Family] = {
     "digits": Family(build="sfd_fast.digits.build:build_parts", checks="sfd_fast.digits.checks:validate",
                      evaluate="sfd_fast.digits.evaluate:evaluate_run"),
     "stable_diffusion": Family(build="sfd_fast.sd.build:build_parts", checks="sfd_fast.sd.checks:validate"),
+    "ddpm": Family(build="sfd_fast.ddpm.build:build_parts", checks="sfd_fast.ddpm.checks:validate",
+                   evaluate="sfd_fast.ddpm.evaluate:evaluate_run"),
 }
 
 
