@@ -10,8 +10,21 @@ from safetensors.torch import load_file
 
 from sfd_fast.config import ConfigError, load_config
 from sfd_fast.ddpm import load_reference_checkpoint
-from sfd_fast.ddpm.import_config import main as import_main
-from sfd_fast.ddpm.sample import export_main, main as sample_main, reference_folder_index
+from sfd_fast.cli import main as cli_main
+from sfd_fast.ddpm.sample import reference_folder_index
+
+
+# the `sfd-fast` command table: import-config, and sample/export dispatched on the run's model.kind
+def import_main(argv):
+    return cli_main(["import-config", *argv])
+
+
+def sample_main(argv):
+    return cli_main(["sample", *argv])
+
+
+def export_main(argv):
+    return cli_main(["export", *argv])
 
 from .ddpm_helpers import base_list, same_weights, save, tiny_arch, tiny_state
 

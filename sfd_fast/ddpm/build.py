@@ -25,7 +25,7 @@ from ..schedules import VPSchedule
 from ..conditions import ClassForgetTask
 from ..trainer import RunParts
 from .checkpoints import atomic_torch_save, load_into, read_reference_list, starting_states
-from .model import DDPMArch, DDPMUNet
+from .model import DDPMArch, DDPMUNet, arch_of
 
 GRID_SEED = 2024
 
@@ -41,7 +41,7 @@ class AllClassesTask(ClassForgetTask):
 
 
 def arch_from_config(cfg) -> DDPMArch:
-    return cfg.ddpm.arch(cfg.sfd.num_classes)
+    return arch_of(cfg.ddpm, cfg.sfd.num_classes)
 
 
 def make_schedule(cfg) -> VPSchedule:

@@ -56,8 +56,9 @@ def validate(cfg, bad) -> None:
         bad("ddpm.grid_per_class", f"must be >= 1, got {d.grid_per_class}")
     if d.checkpoint and not d.checkpoint.startswith("random:") and Path(d.checkpoint).is_file():
         from .checkpoints import ReferenceCheckpointError, check_fits
+        from .model import arch_of
         try:  # names the first missing / unexpected key and shape, before any run folder is made
-            check_fits(d.checkpoint, d.arch(n), d.init_from_ema)
+            check_fits(d.checkpoint, arch_of(d, n), d.init_from_ema)
         except ReferenceCheckpointError as e:
             bad("ddpm.checkpoint", f"= {d.checkpoint!r}: {e}")
     if d.classifier and not Path(d.classifier).is_file():

@@ -249,3 +249,11 @@ class DDPMUNet(nn.Module):
             if i != 0:
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def arch_of(d, num_classes: int) -> "DDPMArch":
+    """The network hyper-parameters of the `ddpm` config section `d` for `num_classes` classes."""
+    return DDPMArch(image_size=d.image_size, num_classes=num_classes, in_channels=d.in_channels,
+                    out_ch=d.in_channels, ch=d.ch, ch_mult=list(d.ch_mult),
+                    num_res_blocks=d.num_res_blocks, attn_resolutions=list(d.attn_resolutions),
+                    dropout=d.dropout, resamp_with_conv=d.resamp_with_conv)
