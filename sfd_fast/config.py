@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and the file and says what to do."""
 
@@ -37,7 +38,7 @@ class ScheduleConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"              # a family of families.py: digits | stable_diffusion
+    kind: str = "digits"              # a family of families.py: digits | stable_diffusion | ddpm
     teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
     generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
     hidden: int = 384                 # digits MLP width
@@ -151,6 +152,30 @@ class EvalConfig:
 
 
 @dataclass
+class DDPMConfig:
+    """Network = a reference YAML's `model:` section; weights = a reference checkpoint (spec §4.1).
+
+    checkpoint: a reference `ckpt.pth` (4-entry base DDPM list, or a 6-entry SFD/SiD list for the
+    two-stage start), or "random:DIR" for random weights written once to DIR (CPU smoke runs).
+    init_from_ema: the reference's distill.init_from_ema (take the EMA entry as the start).
+    train_mode_dropout: dropout active in the fake score's and the generator's own updates, as the
+    reference's train-mode networks (see sfd_fast/ddpm/model.py); false = dropout never used."""
+    checkpoint: str = ""
+    init_from_ema: bool = True
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    train_mode_dropout: bool = True
+    grid_per_class: int = 8           # snapshot grid: images per class row
+    classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +187,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
