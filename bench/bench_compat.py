@@ -19,16 +19,13 @@ median / fast median when the baseline ran earlier in the same session.
 """
 from __future__ import annotations
 
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sfd_fast.compat import sd as compat  # noqa: E402
-from tests.test_compat_reference import reference_sid_sd_denoise  # noqa: E402
+from sfd_fast.compat import sd as compat
+from tests.test_compat_reference import reference_sid_sd_denoise  # bench/conftest.py puts the repo root on sys.path
 
 BATCH = 2
 PROMPTS = ["a photo of a cat sitting on a red sofa in the sun", "a portrait of an old man, cinematic lighting"]

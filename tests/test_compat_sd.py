@@ -15,7 +15,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sfd_fast.compat import _vp
 from sfd_fast.compat import sd as compat
 from tests.test_compat_reference import (LONG_PROMPT, reference_fake_score_loss_v, reference_sid_sd_denoise,
                                          reference_sid_sd_sampler)
@@ -89,11 +88,11 @@ def test_sampler_matches_reference(parts, train_sampler, steps):
     if steps > 1 and sched.config.prediction_type == "epsilon":
         # DDPMScheduler.step draws variance noise before step 2's randn_like: the streams differ
         # (documented); with the emulation switch on they are the same.
-        _vp.EMULATE_SCHEDULER_RNG = True
+        compat.emulate_scheduler_rng(True)
         try:
             new = run(compat.sid_sd_sampler)
         finally:
-            _vp.EMULATE_SCHEDULER_RNG = False
+            compat.emulate_scheduler_rng(False)
     for a, b, what in zip(new, ref, ("output", "grad latents", "grad unet")):
         assert_close(a, b, what)
 
@@ -119,12 +118,12 @@ def test_scheduler_rng_emulation_consumes_like_reference(parts):
         reference_sid_sd_denoise(unet, images, noise, PROMPTS, T, **kw)
     after_ref = torch.randn(4)
     torch.manual_seed(3)
-    _vp.EMULATE_SCHEDULER_RNG = True
+    compat.emulate_scheduler_rng(True)
     try:
         with torch.no_grad():
             compat.sid_sd_denoise(unet, images, noise, PROMPTS, T, **kw)
     finally:
-        _vp.EMULATE_SCHEDULER_RNG = False
+        compat.emulate_scheduler_rng(False)
     torch.testing.assert_close(torch.randn(4), after_ref, rtol=0, atol=0)
 
 

@@ -14,8 +14,8 @@ work), the same CFG batch order ([uncond; cond]) and arithmetic. What is faster:
   * a_t, b_t tables live on the device (no per-call copy of alphas_cumprod).
 Deliberate differences (docs/compat.md): negative prompts longer than the tokenizer's limit are
 truncated like positive ones (the reference raises); `step()`'s variance noise is not drawn, so
-the global RNG advances differently (set `sfd_fast.compat._vp.EMULATE_SCHEDULER_RNG = True` to
-draw and discard it as the reference does); the eval sampler computes x0 in float32 (the
+the global RNG advances differently (call `emulate_scheduler_rng(True)` to draw and
+discard it as the reference does); the eval sampler computes x0 in float32 (the
 reference rounds b_t * eps to the UNet dtype first). `sid_sd_fake_score_loss` is the fake-score
 loss with the v-prediction target the reference meant (its code raises for v-prediction).
 """
@@ -27,10 +27,17 @@ import torch
 
 from ._checks import check_latents, check_prompts, check_same_shape, check_timesteps
 from ._text import clear_text_cache, text_embeddings  # noqa: F401  (clear_text_cache re-exported)
+from . import _vp
 from ._vp import tables_for
 
 __all__ = ["load_sd15", "sid_sd_sampler", "sid_sd_denoise", "sid_sd_fake_score_loss", "tokenize_captions",
-           "encode_prompt", "upcast_vae", "clear_text_cache"]
+           "encode_prompt", "upcast_vae", "clear_text_cache", "emulate_scheduler_rng"]
+
+
+def emulate_scheduler_rng(enabled: bool = True) -> None:
+    """Draw and discard the variance noise the reference's `scheduler.step()` calls draw, so that a
+    loop using these functions consumes the global RNG exactly as the reference (off by default)."""
+    _vp.EMULATE_SCHEDULER_RNG = bool(enabled)
 
 
 def load_sd15(pretrained_model_name_or_path, pretrained_vae_model_name_or_path, device, weight_dtype,
@@ -154,7 +161,8 @@ def sid_sd_sampler(unet, latents, contexts, init_timesteps, noise_scheduler, tex
         # step() takes the first timestep for the whole batch
         t_step = t_i[:1].expand(batch)
         d_x = tables.x0(x.float(), out.float(), t_step, group_dim=1)
-        tables.discard_step_noise(out, t_step, per_sample=False)
+        # step() sees the float32 output in the train path and the UNet's dtype in the eval path
+        tables.discard_step_noise(out.float() if train_sampler else out, t_step, per_sample=False)
     d_x = d_x.to(torch.float32)
     return _decode(vae, d_x) if return_images else d_x
 
