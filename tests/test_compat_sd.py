@@ -226,3 +226,42 @@ def test_x0_clamping_options_as_scheduler_step(parts, option):
     assert (new - unclamped).abs().max() > 1e-3  # the option is in effect
     assert_close(new, ref, "denoise x0")
     assert_close(z_new, z_ref, "sampler x0")
+
+
+def test_text_encoded_once_and_not_for_unused_uncond(parts):
+    """Repeated calls reuse the cached embeddings; at guidance 1 the unconditional batch is not encoded."""
+    from sfd_fast.compat import _text
+
+    unet, _, sched, te, tok = parts
+    images, noise, _ = _inputs()
+    kw = dict(noise_scheduler=sched, text_encoder=te, tokenizer=tok, resolution=128, dtype=torch.float32)
+    fresh = ["a green tree near a lake", "an old house", "a green tree near a lake"]
+    with torch.no_grad():
+        compat.sid_sd_denoise(unet, images, noise, fresh, T, **kw)
+        cache = _text._entry(tok, te).cache
+        rows = cache.encoded_rows
+        compat.sid_sd_denoise(unet, images, noise, fresh, T, **kw)
+        compat.sid_sd_sampler(unet, images, fresh, torch.full((3,), 625), **kw)
+        assert cache.encoded_rows == rows  # nothing re-encoded
+        compat.sid_sd_denoise(unet, images, noise, fresh, T, guidance_scale=4.5, contexts_neg=NEGATIVES, **kw)
+        rows = cache.encoded_rows
+        compat.sid_sd_denoise(unet, images, noise, fresh, T, guidance_scale=4.5, contexts_neg=NEGATIVES, **kw)
+        assert cache.encoded_rows == rows
+
+
+def test_batch_one_and_nan_row(parts):
+    """Batch 1 matches; a NaN latent row gives NaN in that row only, the others match the reference."""
+    unet, _, sched, te, tok = parts
+    images, noise, _ = _inputs(6)
+    kw = dict(noise_scheduler=sched, text_encoder=te, tokenizer=tok, resolution=128, dtype=torch.float32,
+              guidance_scale=4.5)
+    with torch.no_grad():
+        one = compat.sid_sd_denoise(unet, images[:1], noise[:1], PROMPTS[:1], T[:1], **kw)
+        assert_close(one, reference_sid_sd_denoise(unet, images[:1], noise[:1], PROMPTS[:1], T[:1], **kw), "batch 1")
+        images[1, 2, 3, 4] = float("nan")
+        new = compat.sid_sd_denoise(unet, images, noise, PROMPTS, T, **kw)
+        ref = reference_sid_sd_denoise(unet, images, noise, PROMPTS, T, **kw)
+    assert torch.isnan(new[1]).any() and torch.isnan(ref[1]).any()
+    keep = torch.tensor([True, False, True])
+    assert not torch.isnan(new[keep]).any()
+    assert_close(new[keep], ref[keep], "rows without NaN")
