@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import atomic_write_text, checkpoint_folders
-from .config import Config, ConfigError, _build, load_config, read_json_file
+from .config import Config, ConfigError, load_config, read_run_config
 from .errors import UserError
 
 log = logging.getLogger("sfd_fast")
@@ -106,7 +106,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict]:
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-    stored = _build(Config, read_json_file(cfg_path, "run config", "is it a run directory?"), "", str(cfg_path))
+    stored = read_run_config(run_dir)
     cfg = load_config(cfg_path, overrides)
     old, new = _flat(stored.to_dict()), _flat(cfg.to_dict())
     changes = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
@@ -144,6 +144,12 @@ def resolve_paths(cfg: Config) -> None:
     m.generator_init = m.generator_init if m.generator_init == "teacher" else fix(m.generator_init)
     m.pretrained = fix(m.pretrained)
     cfg.engine.deepspeed_config = fix(cfg.engine.deepspeed_config)
+    d = cfg.ddpm
+    if d.checkpoint.startswith("random:"):      # random weights written once to DIR
+        d.checkpoint = "random:" + str(Path(d.checkpoint[len("random:"):]).resolve())
+    else:
+        d.checkpoint = fix(d.checkpoint)
+    d.classifier = fix(d.classifier)
     for k in ("remain_file", "forget_file", "val_file", "override_file", "pos_file", "neg_file"):
         setattr(p, k, fix(getattr(p, k)))
 
