@@ -39,15 +39,15 @@ def user_error_boundary():
     """Print a UserError (or a SystemExit carrying a message) as one paragraph; exit with its status."""
     try:
         yield
-    except UserExit as e:
-        print(e.message, file=sys.stderr)
+    except UserExit:    # already reported by an inner boundary (cli.main -> train.main)
         raise
     except UserError as e:
         message = str(e) if str(e).startswith(e.prefix) else f"{e.prefix}{e}"
         print(message, file=sys.stderr)
         raise UserExit(message, e.exit_code) from None
-    except KeyboardInterrupt:   # Ctrl-C before the training loop installed its handler (guard.py)
-        print("interrupted before training started; nothing was trained", file=sys.stderr)
+    except KeyboardInterrupt:   # Ctrl-C outside the training loop (there guard.py checkpoints first)
+        print("interrupted (Ctrl-C) outside the training loop; checkpoints already written are intact",
+              file=sys.stderr)
         raise UserExit("interrupted", 130) from None
     except SystemExit as e:
         if isinstance(e.code, str):   # older `raise SystemExit("error: ...")` sites: same status as UserError

@@ -156,7 +156,7 @@ def test_cli_train_exit_status_and_one_paragraph(fault_base, tmp_path):
                           "--run-dir", str(tmp_path / "run"), "--set", "schedule.beta_end=NaN"],
                          env=subprocess_env(), capture_output=True, text=True, cwd=str(ROOT), timeout=300)
     assert out.returncode == 2
-    assert "schedule.beta_end" in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.count("schedule.beta_end") == 1 and "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "run").exists()
 
 
