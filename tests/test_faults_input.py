@@ -208,3 +208,20 @@ def test_resume_from_another_working_directory(fault_base, tmp_path, monkeypatch
     assert run_main(["--resume", str(run), "--set", "train.total_steps=9"]) == (0, "")
     from .fault_tools import assert_bit_identical
     assert_bit_identical(run, fault_base["reference"])
+
+
+@pytest.mark.parametrize("bad", ["nan", "garbage"])
+def test_bad_generator_init_names_the_key(fault_base, tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+    f = tmp_path / "gen.safetensors"
+    if bad == "nan":
+        sd = load_file(str(fault_base["dir"] / "teacher.safetensors"))
+        sd[sorted(sd)[0]].view(-1)[0] = float("inf")
+        save_file(sd, str(f))
+    else:
+        f.write_bytes(b"not a safetensors file")
+    code, msg = run_main(["--config", str(fault_base["cfg"]), "--run-dir", str(tmp_path / "run"),
+                          "--set", f"model.generator_init={f}"])
+    assert code == 2 and "model.generator_init" in msg and str(f) in msg, msg
+    assert ("non-finite" in msg) == (bad == "nan")
+    assert not (tmp_path / "run").exists()

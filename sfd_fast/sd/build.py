@@ -114,6 +114,7 @@ def make_generator_net(teacher_unet: torch.nn.Module, init: str, trust_pickle: b
     net = copy.deepcopy(teacher_unet)
     state = generator_init_state(init, trust_pickle)
     if state is not None:
+        check_finite(state, f"model.generator_init {init}")
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
