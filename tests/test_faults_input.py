@@ -96,7 +96,9 @@ def test_bad_scheduler_config_names_the_file(tmp_path):
 
 def test_offline_hub_id_names_model_pretrained(monkeypatch):
     from sfd_fast.sd.loading import load_stable_diffusion
+    import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")      # this machine has no network; never wait for one
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # read at import: set it too
     with pytest.raises(FileNotFoundError, match="model.pretrained.*no-such-org/no-such-model"):
         load_stable_diffusion("no-such-org/no-such-model")
 
