@@ -270,7 +270,7 @@ def read_json_file(path: str | Path, what: str, hint: str) -> dict:
     """A JSON object from `path`, or a ConfigError naming `what`, the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist; {hint}")
+        raise ConfigError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; {hint}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
