@@ -65,6 +65,8 @@ def setup_logging(run_dir: Path | None = None):
         fh = logging.FileHandler(run_dir / "log.txt")
         fh.setFormatter(fmt)
         root.addHandler(fh)
+        return fh
+    return None
 
 
 def build_parts(cfg):
@@ -153,6 +155,11 @@ def _main(argv=None) -> dict:
     finally:
         if isinstance(lock, RunLock):
             lock.release()
+            # this run's log.txt handler goes with it (in-process callers run several runs)
+            own_log = str((run_dir / "log.txt").absolute())
+            for h in [h for h in log.handlers if getattr(h, "baseFilename", None) == own_log]:
+                log.removeHandler(h)
+                h.close()
 
 
 def open_run_dir(run_dir: Path):

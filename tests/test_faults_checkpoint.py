@@ -172,3 +172,5 @@ def test_config_history_records_the_allowed_change(fault_base, tmp_path):
     assert history[-1]["resumed_at_step"] == 6
     assert history[-1]["changes"] == {"train.total_steps": [6, STEPS]}
     assert json.loads((run / "config.json").read_text())["train"]["total_steps"] == STEPS
+    # the run's log handler left with it: a later run in this process does not write into this log.txt
+    assert not [h for h in logging.getLogger("sfd_fast").handlers if str(run) in getattr(h, "baseFilename", "")]
