@@ -15,7 +15,8 @@ import pytest
 from .fault_tools import STEPS, assert_bit_identical, fault_base, stats, subprocess_env  # noqa: F401
 
 HAS_DS = importlib.util.find_spec("deepspeed") is not None
-pytestmark = pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install -e '.[dist]')")
+pytestmark = [pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install -e '.[dist]')"),
+              pytest.mark.slow]   # three torchrun launches, about a minute on 2 cores
 
 WORKER = textwrap.dedent('''
     import json, sys, torch
