@@ -1,13 +1,15 @@
 """Preflight memory estimate: refuse a micro-batch that cannot fit, before anything is written.
 
     need = weights (teacher, fake score, generator, EMA copy)
-         + gradients and Adam state (m, v) of the two trained networks (fp32)
-         + activations: per-row bytes x rows x 3 networks held for one backward
+         + gradients (fp32; / world under ZeRO-2/3) and Adam state (m, v: 8 bytes per parameter,
+           2 with engine.optimizer adam8bit; / world under ZeRO-1/2/3) of the two trained networks
+         + activations: per-row bytes x rows x 3 networks held for one backward (left out with
+           engine.activation_checkpointing: the estimate is then a lower bound)
     rows  = remain + forget rows of one micro-batch on this rank, x2 when a guidance scale != 1
             (conditional and unconditional halves)
 
 Per-row activation bytes are measured, not guessed: one no-grad forward of the generator on one
-drawn row with hooks summing every module output (what autograd keeps is of that order; the
+drawn row, under the run's precision (bf16 autocast halves it), with hooks summing every module output (what autograd keeps is of that order; the
 generator phase holds the generator's, the fake score's and the teacher's at once, hence x3).
 The limit is the memory this process can still get plus what its weights already use: CPU
 MemAvailable from /proc/meminfo (os.sysconf as a fallback); CUDA torch.cuda.mem_get_info at run
@@ -52,7 +54,8 @@ def _activation_bytes_per_row(parts, cfg, device) -> int:
     try:
         rng = torch.Generator(device=device).manual_seed(0)
         d = draw_phase(parts.task, rng, 1, 0, parts.sample_shape, s.t_min, s.t_max, 1.0, 0.0, device, "generator")
-        with torch.no_grad():
+        from .device import autocast_context
+        with torch.no_grad(), autocast_context(cfg.engine.precision, device):
             net.to(device)(d.z, d.cond.generator_cond)
     finally:
         for h in handles:
@@ -66,15 +69,19 @@ def estimate_bytes(cfg, parts, device, world: int = 1) -> dict:
     """The terms of the estimate (bytes) for the configured micro-batch on one rank."""
     def size(net):
         return sum(p.numel() * p.element_size() for p in net.parameters())
-    trained = sum(p.numel() * 4 for net in (parts.fake_score, parts.generator) for p in net.parameters()
+    trained = sum(p.numel() for net in (parts.fake_score, parts.generator) for p in net.parameters()
                   if p.requires_grad)
+    e = cfg.engine
+    zero = e.zero_stage if e.backend == "deepspeed" else 0
+    grads = 4 * trained / (world if zero >= 2 else 1)
+    adam = (2 if e.optimizer == "adam8bit" else 8) * trained / (world if zero >= 1 else 1)
     ema = cfg.train.ema.decay is not None or cfg.train.ema.halflife_kimg > 0
     weights = size(parts.teacher) + size(parts.fake_score) + size(parts.generator) * (2 if ema else 1)
     s = cfg.sfd
     guided = any(g != 1 for g in (s.cfg_train_fake, s.cfg_eval_fake, s.cfg_eval_real))
     rows = 2 * max(1, cfg.train.batch_size // cfg.train.grad_accum // world) * (2 if guided else 1)
-    activations = 3 * rows * _activation_bytes_per_row(parts, cfg, device)
-    return {"weights": weights, "gradients_and_adam": 3 * trained, "activations": activations,
+    activations = 0 if e.activation_checkpointing else 3 * rows * _activation_bytes_per_row(parts, cfg, device)
+    return {"weights": weights, "gradients_and_adam": int(grads + adam), "activations": activations,
             "rows": rows}
 
 
