@@ -227,3 +227,25 @@ def test_bad_generator_init_names_the_key(fault_base, tmp_path, bad):
     assert code == 2 and "model.generator_init" in msg and str(f) in msg, msg
     assert ("non-finite" in msg) == (bad == "nan")
     assert not (tmp_path / "run").exists()
+
+
+def test_memory_estimate_terms(fault_base):
+    """The estimate's terms follow the documented formula (engine/memory.py)."""
+    from sfd_fast.config import load_config
+    from sfd_fast.digits.build import build_parts
+    from sfd_fast.engine.memory import estimate_bytes
+    import torch
+    cpu = torch.device("cpu")
+    cfg = load_config(fault_base["cfg"])
+    parts = build_parts(cfg)
+    trained = sum(p.numel() for n in (parts.fake_score, parts.generator) for p in n.parameters())
+    plain = estimate_bytes(cfg, parts, cpu)
+    assert plain["gradients_and_adam"] == 12 * trained and plain["rows"] == 16 and plain["activations"] > 0
+    cfg.engine.backend, cfg.engine.zero_stage = "deepspeed", 2
+    assert estimate_bytes(cfg, parts, cpu, world=2)["gradients_and_adam"] == 6 * trained
+    cfg.engine.zero_stage, cfg.engine.optimizer = 1, "adam8bit"
+    assert estimate_bytes(cfg, parts, cpu, world=2)["gradients_and_adam"] == 5 * trained   # 4 + 2/2
+    cfg.engine.activation_checkpointing = True
+    assert estimate_bytes(cfg, parts, cpu, world=2)["activations"] == 0
+    cfg.engine.activation_checkpointing, cfg.sfd.cfg_eval_real = False, 2.0   # guidance: cond + uncond rows
+    assert estimate_bytes(cfg, parts, cpu, world=2)["rows"] == 16     # 8 rows per rank, x2 for guidance
