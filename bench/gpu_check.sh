@@ -77,6 +77,7 @@ trap 'rm -rf "$WORK"' EXIT
 : >"$OUT/stages.log"
 rm -f "$OUT/stages.json" "$OUT/summary.json"
 elapsed() { echo $(( $(date +%s) - start )); }
+left() { local l=$(( deadline - $(elapsed) - GRACE )); echo $(( l > MIN_STAGE ? l : MIN_STAGE )); }  # never 0 (= no limit)
 log() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$OUT/gpu_check.log"; }
 summary() { "$PY" bench/gpu_summary.py "$@" >>"$OUT/gpu_check.log" 2>&1; }
 
@@ -96,7 +97,7 @@ mkdir -p "$SITE"
 deadline=$T_SETUP
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into a private folder (--no-index --no-deps --target)"
-    timeout -k "$GRACE" $(( deadline - $(elapsed) - GRACE )) "$PY" -m pip install -q --no-index --no-deps --no-compile \
+    timeout -k "$GRACE" "$(left)" "$PY" -m pip install -q --no-index --no-deps --no-compile \
         --no-cache-dir --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl >>"$OUT/stages.log" 2>&1 \
         || log "wheel install failed (exit $?; see stages.log): the stages that need those packages will fail"
 else
@@ -109,8 +110,7 @@ export PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0                              # native kernels (tests/conftest.py defaults it to 1)
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"        # a cold, private compile cache
 export TRITON_CACHE_DIR="$WORK/triton"
-timeout -k "$GRACE" $(( deadline - $(elapsed) > MIN_STAGE ? deadline - $(elapsed) : MIN_STAGE )) \
-    "$PY" bench/gpu_summary.py env "$OUT" >>"$OUT/gpu_check.log" 2>&1 || log "environment probe failed (exit $?)"
+timeout -k "$GRACE" "$(left)" "$PY" bench/gpu_summary.py env "$OUT" >>"$OUT/gpu_check.log" 2>&1 || log "environment probe failed (exit $?)"
 "$PY" -c "import json,sys; e=json.load(open(sys.argv[1])).get('environment', {}); print('  device:', e.get('device'), '| torch', e.get('torch'), '| cuda', e.get('cuda'), '| bf16 peak TFLOP/s', e.get('peak_bf16_tflops')); [print('  not importable:', k, '-', v) for k, v in e.get('unavailable', {}).items()]" \
     "$OUT/stages.json" 2>&1 | tee -a "$OUT/gpu_check.log"
 

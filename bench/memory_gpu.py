@@ -55,6 +55,7 @@ def write_sd15_random(folder: Path) -> Path:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
                                    scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.to(torch.bfloat16)  # half the bytes to write and read; the loader casts to the dtype it uses
     pipe.save_pretrained(folder)
     return folder
 
