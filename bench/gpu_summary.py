@@ -124,14 +124,15 @@ def parse_data(path) -> dict | None:
     return {"json": data}
 
 
-def stage_status(rc: int, data: dict | None) -> str:
+def stage_status(rc: int, data: dict | None, expects_data: bool = True) -> str:
+    """ok / timeout / absent (nothing selected) / failed / empty (exit 0 but no numbers: skipped cases)."""
     if rc in TIMEOUT_CODES:
         return "timeout"
     if rc == NO_TESTS_CODE:
         return "absent"
     if rc != 0:
         return "failed"
-    if data is not None and "benchmarks" in data and not data["benchmarks"]:
+    if expects_data and (data is None or ("benchmarks" in data and not data["benchmarks"])):
         return "empty"
     return "ok"
 
@@ -142,7 +143,7 @@ def record(out: Path, stage: str, rc: int, seconds: float, limit: float, data_fi
     stages_file = out / "stages.json"
     raw = _read_json(stages_file, {})
     data = parse_data(data_file) if data_file else None
-    rec = {"status": "skipped" if reason and rc is None else stage_status(rc, data), "rc": rc,
+    rec = {"status": "skipped" if reason and rc is None else stage_status(rc, data, data_file is not None), "rc": rc,
            "seconds": round(seconds, 1), "limit_s": limit, "data": data}
     if reason:
         rec["reason"] = reason
@@ -150,7 +151,9 @@ def record(out: Path, stage: str, rc: int, seconds: float, limit: float, data_fi
         rec["reason"] = f"stopped at its time limit ({limit:g} s): numbers of this stage are lost, the others kept"
     elif rec["status"] == "absent":
         rec["reason"] = "no benchmark case matched this stage's selection (not built yet)"
-    if log_tail and Path(log_tail).is_file() and rec["status"] not in ("ok", "absent"):
+    elif rec["status"] == "empty":
+        rec["reason"] = "exited 0 but recorded no numbers (its cases skipped: see stages.log)"
+    if log_tail and Path(log_tail).is_file() and rec["status"] not in ("ok", "absent", "skipped"):
         rec["log_tail"] = Path(log_tail).read_text(errors="replace").splitlines()[-15:]
     raw.setdefault("stages", {})[stage] = rec
     _write_json(stages_file, raw)

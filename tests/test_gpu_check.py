@@ -261,3 +261,12 @@ def test_memory_stage_runs_the_configuration_on_tiny_sd(tmp_path):
 def test_memory_stage_with_activation_checkpointing(tmp_path):
     r, res = _memory_tiny(tmp_path)
     assert r.returncode == 0 and res["steps"] == 2, r.stderr[-2000:]
+
+
+def test_stage_without_numbers_is_not_ok(tmp_path):
+    """A benchmark stage whose cases all skipped exits 0 but must not count as measured."""
+    (tmp_path / "e.json").write_text(json.dumps({"benchmarks": []}))
+    gpu_summary.record(tmp_path, "eager_fast", 0, 5, 75, tmp_path / "e.json")
+    s = gpu_summary.record(tmp_path, "kernels", 0, 5, 75, tmp_path / "never_written.json")
+    assert s["stages"]["eager_fast"]["status"] == "empty" and s["stages"]["kernels"]["status"] == "empty"
+    assert "no numbers" in s["stages"]["kernels"]["reason"]
