@@ -7,11 +7,11 @@ setup(
     version="0.1.0",
     description="Fast Score Forgetting Distillation: data-free unlearning + one-step distillation of diffusion models",
     python_requires=">=3.10",
-    packages=["sfd_fast", "sfd_fast.models", "sfd_fast.data", "sfd_fast.evaluation", "sfd_fast.compat",
+    packages=["sfd_fast", "sfd_fast.engine", "sfd_fast.digits", "sfd_fast.sd", "sfd_fast.ddpm", "sfd_fast.evaluation",
               "sfd_fast.kernels"],
     package_dir={"sfd_fast": "sfd_fast", "sfd_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "diffusers>=0.30", "transformers>=4.40", "safetensors>=0.4", "numpy",
-                      "scipy", "scikit-learn", "tqdm", "pillow"],
+                      "scipy", "scikit-learn", "tqdm", "pillow", "pyyaml"],
     extras_require={
         "gpu": ["triton", "xformers", "bitsandbytes", "nvidia-ml-py"],
         "dist": ["deepspeed==0.19.8"],

@@ -27,7 +27,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """The tiny random SD pipeline folder, built once per session (a few seconds)."""
-    from sfd_fast.models.tiny_sd import build_tiny_sd
+    from sfd_fast.sd.tiny import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 

@@ -3,7 +3,7 @@
 Built directly from the core pieces (TextUNetDenoiser, OneStepGenerator, step.py via SFDTrainer)
 and a bench-local task, so the benchmark does not depend on the SD run module. Two configurations:
 
-  tiny-sd   the tiny random SD pipeline of `sfd_fast.models.tiny_sd` (16x16x4 latents, 77x32 text),
+  tiny-sd   the tiny random SD pipeline of `sfd_fast.sd.tiny` (16x16x4 latents, 77x32 text),
             built once into a folder; runs on CPU.
   sd15      diffusers' UNet2DConditionModel with SD1.5's config (859.5 M parameters, 64x64x4
             latents, 77x768 text) and a CLIP-L-shaped text encoder (123 M), random weights; CUDA.
@@ -25,7 +25,7 @@ from sfd_fast.config import Config
 from sfd_fast.denoisers import TextUNetDenoiser
 from sfd_fast.generator import OneStepGenerator
 from sfd_fast.schedules import VPSchedule
-from sfd_fast.tasks import PhaseConditions
+from sfd_fast.conditions import PhaseConditions
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_DIR = ROOT / "configs" / "prompts"
@@ -73,7 +73,7 @@ def build_tiny(folder) -> SDBench:
     """The tiny random SD pipeline written by `build_tiny_sd` (see tiny_sd.py)."""
     from diffusers import DDPMScheduler
 
-    from sfd_fast.models.stable_diffusion import load_stable_diffusion
+    from sfd_fast.sd.loading import load_stable_diffusion
 
     c = load_stable_diffusion(str(folder), device="cpu")
     scheduler = DDPMScheduler.from_config(c.scheduler_config)
@@ -87,8 +87,8 @@ def build_sd15(seed: int = 0) -> SDBench:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sfd_fast.models.stable_diffusion import schedule_from_config
-    from sfd_fast.models.tiny_sd import BOS, EOS, SD15_SCHEDULER, build_tiny_tokenizer
+    from sfd_fast.sd.loading import schedule_from_config
+    from sfd_fast.sd.tiny import BOS, EOS, SD15_SCHEDULER, build_tiny_tokenizer
 
     tokenizer, vocab, _ = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):

@@ -11,7 +11,7 @@ previous checkpoint and pointer untouched):
         rng.safetensors        (the trainer's torch.Generator state)
     run_dir/checkpoints/latest  ("step-00001000")
 
-Pickles are never read here; see models/ for the explicit `trust_pickle` path.
+Pickles are never read here; see sd/build.py for the explicit `trust_pickle` path.
 """
 from __future__ import annotations
 
@@ -149,3 +149,20 @@ def load_checkpoint(path: Path) -> dict:
     rngs = load_file(str(path / "rng.safetensors"))
     return {"weights": weights, "optim": optim, "state": state, "rng": rngs["rng"],
             "task_rng": rngs.get("task_rng")}
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """A checkpoint folder from a run directory (its latest checkpoint) or a checkpoint folder."""
+    path = Path(path)
+    return latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+
+
+def generator_weights_file(ckpt: Path, raw: bool = False) -> Path:
+    """The generator weights to sample or start from: the EMA if the run kept one (unless `raw`),
+    else the raw generator. `ckpt` is a checkpoint folder or a run directory (its latest)."""
+    ckpt = checkpoint_dir(ckpt)
+    ema = ckpt / "generator_ema.safetensors"
+    f = ema if (ema.is_file() and not raw) else ckpt / "generator.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist; {ckpt} is not a complete sfd-fast checkpoint")
+    return f

@@ -1,44 +1,50 @@
-"""`sfd-fast` command line: train, and tools that work on a run directory.
+"""`sfd-fast` command line: one explicit table of commands.
 
-    sfd-fast train --config FILE [--set k=v ...] [--run-dir DIR] [--resume DIR]
+    sfd-fast train  --config FILE [--set k=v ...] [--run-dir DIR] [--resume DIR] [--dry-run]
+    sfd-fast sample --run RUN_DIR --prompt "..." [--n 8] [--out grid.png] [--steps 1|2|4]
+    sfd-fast export --run RUN_DIR --out DIR [--force] [--raw] [--dtype fp32|fp16|bf16]
+    sfd-fast sample --run DDPM_RUN --classes 0-9 --n-per-class N --out-dir DIR
+    sfd-fast export --format reference-ddpm --run DDPM_RUN --out ckpt.pth
+    sfd-fast import-config --out config.json cifar10.yml --init_ckpt ckpt.pth --label_to_forget 0
+
+`sfd-fast COMMAND --help` describes each. Also runnable as `python -m sfd_fast.cli COMMAND ...`.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
-COMMANDS = {}
+# name -> ("module:function" taking argv, one-line summary); imported only when the command runs,
+# so `sfd-fast train` on a digits run never imports diffusers.
+COMMANDS = {
+    "train": ("sfd_fast.train:main", "train an SFD run (a JSON config) or resume one"),
+    "sample": ("sfd_fast.families:sample_main", "samples of a run: SD prompt grids, ddpm class folders"),
+    "export": ("sfd_fast.families:export_main", "export a run: SD diffusers folder, ddpm reference checkpoint"),
+    "import-config": ("sfd_fast.ddpm.import_config:main", "a reference SFD config (DDPM YAML / SD flags) -> JSON"),
+    "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA of a ddpm run with the reference's classifier"),
+}
 
 
-def command(name):
-    def deco(fn):
-        COMMANDS[name] = fn
-        return fn
-    return deco
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<8s} {summary}" for name, (_, summary) in COMMANDS.items())
+    return f"usage: sfd-fast {{{','.join(COMMANDS)}}} ...\n\ncommands:\n{rows}\n\n{__doc__}"
 
 
-@command("train")
-def _train(argv):
-    from sfd_fast.train import main as train_main
-    train_main(argv)
-
-
-def main(argv=None):
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _load_optional_commands()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = ", ".join(sorted(COMMANDS))
-        print(f"usage: sfd-fast {{{names}}} ...\n\n{__doc__}", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"sfd-fast: unknown command {argv[0]!r}", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+    target = COMMANDS[argv[0]][0]
+    if callable(target):          # tests may register a function directly
+        fn = target
+    else:
+        module, _, name = target.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+    fn(argv[1:])
     return 0  # a command's return value is not an exit status (sys.exit(path) would exit 1)
-
-
-def _load_optional_commands():
-    """Sub-commands defined in other modules register themselves here on import."""
-    try:
-        import sfd_fast.sd_cli  # noqa: F401  (sample, export)
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and the file and says what to do."""
 
@@ -37,7 +38,7 @@ class ScheduleConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"              # digits | stable_diffusion
+    kind: str = "digits"              # a family of families.py: digits | stable_diffusion | ddpm
     teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
     generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
     hidden: int = 384                 # digits MLP width
@@ -110,6 +111,7 @@ class EngineConfig:
     optimizer: str = "adam"           # adam | adam8bit (bitsandbytes)
     zero_stage: int = 0               # deepspeed only: 0-3
     deepspeed_config: str = ""        # optional JSON file merged over the generated DeepSpeed dict
+    rng_mode: str = "global_slice"    # deepspeed only: global_slice (= one process) | per_rank
 
 
 @dataclass
@@ -150,6 +152,30 @@ class EvalConfig:
 
 
 @dataclass
+class DDPMConfig:
+    """Network = a reference YAML's `model:` section; weights = a reference checkpoint (spec §4.1).
+
+    checkpoint: a reference `ckpt.pth` (4-entry base DDPM list, or a 6-entry SFD/SiD list for the
+    two-stage start), or "random:DIR" for random weights written once to DIR (CPU smoke runs).
+    init_from_ema: the reference's distill.init_from_ema (take the EMA entry as the start).
+    train_mode_dropout: dropout active in the fake score's and the generator's own updates, as the
+    reference's train-mode networks (see sfd_fast/ddpm/model.py); false = dropout never used."""
+    checkpoint: str = ""
+    init_from_ema: bool = True
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    train_mode_dropout: bool = True
+    grid_per_class: int = 8           # snapshot grid: images per class row
+    classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +187,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,8 +289,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
     s, t, sch = cfg.sfd, cfg.train, cfg.schedule
-    if cfg.model.kind not in ("digits", "stable_diffusion"):
-        bad("model.kind", f"must be 'digits' or 'stable_diffusion', got {cfg.model.kind!r}")
+    from .families import FAMILIES
+    if cfg.model.kind not in FAMILIES:
+        bad("model.kind", f"must be one of {', '.join(map(repr, FAMILIES))}, got {cfg.model.kind!r}")
     if sch.beta_schedule not in ("linear", "scaled_linear"):
         bad("schedule.beta_schedule", f"must be 'linear' or 'scaled_linear', got {sch.beta_schedule!r}")
     if sch.prediction not in ("epsilon", "v_prediction"):
@@ -274,22 +302,6 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("sfd.t_min/t_max", f"need 0 <= t_min < t_max <= {sch.num_timesteps}, got {s.t_min}, {s.t_max}")
     if not 0 <= s.t_init < sch.num_timesteps:
         bad("sfd.t_init", f"must be in [0, {sch.num_timesteps}), got {s.t_init}")
-    if cfg.model.kind == "digits":
-        if s.num_classes < 2:
-            bad("sfd.num_classes", "must be >= 2")
-        if not 0 <= s.forget_class < s.num_classes:
-            bad("sfd.forget_class", f"must be a class in [0, {s.num_classes}), got {s.forget_class}")
-        if s.override not in ("fixed", "random"):
-            bad("sfd.override", f"must be 'fixed' or 'random', got {s.override!r}")
-        if s.override == "fixed":
-            if not 0 <= s.override_class < s.num_classes:
-                bad("sfd.override_class", f"must be a class in [0, {s.num_classes}), got {s.override_class}")
-            if s.override_class == s.forget_class:
-                bad("sfd.override_class", f"equals sfd.forget_class ({s.forget_class}); the override must be "
-                    "a different, safe class (or set sfd.override to 'random')")
-        if cfg.model.teacher != "auto" and not Path(cfg.model.teacher).exists():
-            bad("model.teacher", f"points to {cfg.model.teacher}, which does not exist; give an existing "
-                "teacher checkpoint or 'auto' to pretrain one")
     for k in ("sg_remain_coef", "sg_forget_coef", "g_remain_coef", "g_forget_coef"):
         if getattr(s, k) < 0:
             bad(f"sfd.{k}", "must be >= 0")
@@ -323,9 +335,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.ema.decay", "must be in [0, 1) or null")
     if e.halflife_kimg < 0:
         bad("train.ema.halflife_kimg", "must be >= 0")
-    if cfg.model.kind == "stable_diffusion":
-        validate_sd(cfg, bad)
     validate_engine(cfg, bad)
+    from .families import family_checks
+    family_checks(cfg.model.kind)(cfg, bad)   # the family's own checks (digits/checks.py, sd/checks.py)
     if cfg.eval.samples_per_class <= 0:
         bad("eval.samples_per_class", "must be positive")
 
@@ -342,90 +354,7 @@ def validate_engine(cfg: Config, bad) -> None:
         bad("engine.attention", f"must be 'sdpa', 'xformers' or 'auto', got {e.attention!r}")
     if e.optimizer not in ("adam", "adam8bit"):
         bad("engine.optimizer", f"must be 'adam' or 'adam8bit', got {e.optimizer!r}")
+    if e.rng_mode not in ("global_slice", "per_rank"):
+        bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
     if not 0 <= e.zero_stage <= 3:
         bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
-
-
-def _sd_pretrained_problem(pretrained: str) -> str | None:
-    """Why `model.pretrained` cannot be a Stable Diffusion source, or None if it may be.
-
-    Accepted: an existing diffusers pipeline folder, "tiny:DIR" (a tiny random pipeline built in
-    DIR on first use, for CPU smoke runs), or a hub id "org/name" (checked when loading)."""
-    from .models.stable_diffusion import REQUIRED_PARTS
-    if not pretrained:
-        return ("is empty; give a diffusers Stable Diffusion folder (e.g. a local copy of "
-                "runwayml/stable-diffusion-v1-5), a hub id 'org/name', or 'tiny:DIR' for a CPU smoke run")
-    if pretrained.startswith("tiny:"):
-        return None if pretrained[5:] else "is 'tiny:' without a folder; use e.g. 'tiny:runs/tiny_sd'"
-    p = Path(pretrained).expanduser()
-    if p.is_dir():
-        missing = [part for part in REQUIRED_PARTS if not (p / part).exists()]
-        if missing:
-            return (f"= {pretrained!r} is not a diffusers Stable Diffusion folder: it lacks "
-                    f"{', '.join(missing)} (expected {', '.join(REQUIRED_PARTS)}, as written by "
-                    "StableDiffusionPipeline.save_pretrained)")
-        return None
-    if p.exists():
-        return f"= {pretrained!r} is a file, not a diffusers Stable Diffusion folder"
-    parts = Path(pretrained).parts
-    looks_local = (pretrained.startswith((".", "/", "~")) or len(parts) != 2
-                   or Path(parts[0]).is_dir())
-    if looks_local:
-        return (f"= {pretrained!r} does not exist; give an existing diffusers Stable Diffusion folder "
-                "or a hub id such as 'runwayml/stable-diffusion-v1-5'")
-    return None
-
-
-def _first_prompt_line(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        return any(line.strip() for line in f)
-
-
-def validate_sd(cfg: Config, bad) -> None:
-    """Stable Diffusion inputs, checked before any model is built (prompt files, concept, sources)."""
-    from .data.prompts import REMAIN_FILES, ForgetPromptSet
-    m, pr = cfg.model, cfg.prompts
-    problem = _sd_pretrained_problem(m.pretrained)
-    if problem:
-        bad("model.pretrained", problem)
-    gi = m.generator_init
-    if gi.lower().endswith((".pkl", ".pickle")) and not m.trust_pickle:
-        bad("model.generator_init", f"= {gi!r} is a pickle; unpickling runs arbitrary code from the file. "
-            "Set model.trust_pickle to true only if you trust its source (e.g. a SiD-LSG generator "
-            "{'ema': UNet}), or convert it to safetensors / a diffusers UNet folder")
-    # remain prompts: only existence and non-emptiness here (a caption list may be millions of lines)
-    rp = Path(pr.remain_file).expanduser()
-    if not pr.remain_file:
-        bad("prompts.remain_file", "is empty; give a text file with one remain prompt per line")
-    if rp.is_dir():
-        found = [rp / n for n in REMAIN_FILES if (rp / n).is_file()]
-        if not found:
-            bad("prompts.remain_file", f"= {str(rp)!r} is a directory holding none of {', '.join(REMAIN_FILES)}")
-        rp = found[0]
-    if not rp.is_file():
-        bad("prompts.remain_file", f"= {str(rp)!r} does not exist (expected a text file, one prompt per line)")
-    if not _first_prompt_line(rp):
-        bad("prompts.remain_file", f"= {str(rp)!r} is empty (expected one prompt per line)")
-    if not pr.forget_file and not pr.concept_to_forget:
-        bad("prompts.forget_file", "is empty and so is prompts.concept_to_forget; give the forget prompt "
-            "file (prompts naming the concept) or at least the concept")
-    try:
-        forget = ForgetPromptSet.from_config(pr)
-    except FileNotFoundError as e:
-        bad("prompts", f"names a missing prompt file: {e}")
-    except ValueError as e:
-        key = "prompts.concept_to_forget" if "concept" in str(e) else "prompts"
-        bad(key, f"is invalid: {e}")
-    if len(pr.use_neg) != 3 or not all(isinstance(u, bool) for u in pr.use_neg):
-        bad("prompts.use_neg", f"must be three booleans (kappa1 fake-train, kappa2 fake-eval, kappa4 "
-            f"teacher), got {pr.use_neg!r}")
-    if pr.sid_w_neg and not forget.has_neg:
-        bad("prompts.sid_w_neg", "is true but prompts.neg_file is not set; give a negative prompt file")
-    if not 0 <= pr.context_dropout < 1:
-        bad("prompts.context_dropout", f"must be in [0, 1), got {pr.context_dropout}")
-    if pr.resolution <= 0 or pr.resolution % 8:
-        bad("prompts.resolution", f"must be a positive multiple of 8 (the VAE factor), got {pr.resolution}")
-    if not all(isinstance(p, str) for p in pr.grid_prompts):
-        bad("prompts.grid_prompts", "must be a list of strings")
-    if pr.grid_per_prompt < 1:
-        bad("prompts.grid_per_prompt", f"must be >= 1, got {pr.grid_per_prompt}")

@@ -1,6 +1,6 @@
 """The SFD step: a fake-score update, then a generator update (reference/sfd_spec.md §1a, §1b).
 
-Remain and forget rows run in ONE batch per network, with per-row conditions (tasks.py) and per-row
+Remain and forget rows run in ONE batch per network, with per-row conditions (conditions.py) and per-row
 loss coefficients. Normalisation follows the reference: each branch's loss is a sum over its rows
 divided by the per-step branch batch (`denom`), times the branch coefficient, so
 
@@ -22,7 +22,7 @@ from .denoisers import Denoiser
 from .generator import OneStepGenerator
 from .losses import fake_score_loss, generator_loss, masked_weighted_sum
 from .schedules import VPSchedule
-from .tasks import PhaseConditions
+from .conditions import PhaseConditions
 
 # index layout of the per-phase statistics vector (kept on device, summed over a tick)
 STAT_REMAIN_SUM, STAT_REMAIN_N, STAT_FORGET_SUM, STAT_FORGET_N, STAT_NONFINITE = range(5)

@@ -4,6 +4,8 @@
     --set a.b=value ...  override config keys (value parsed as JSON, else a string)
     --run-dir DIR        where this run writes (default: <run.root>/<run.name>)
     --resume DIR         continue the run in DIR exactly (its config.json; --set may extend steps)
+    --dry-run            build everything, run one step, print parameter counts, memory and the
+                         resolved config; writes nothing to the run directory
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-dir", help="run directory (default <run.root>/<run.name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="build, run one step, report; write nothing")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
     if not args.config and not args.resume:
@@ -57,25 +60,18 @@ def setup_logging(run_dir: Path | None = None):
 
 
 def build_parts(cfg):
-    if cfg.model.kind == "digits":
-        from sfd_fast.digits_run import build_digits_parts
-        return build_digits_parts(cfg)
-    if cfg.model.kind == "stable_diffusion":
-        try:
-            from sfd_fast.sd_run import build_sd_parts
-        except ImportError as e:
-            raise SystemExit(f"model.kind 'stable_diffusion' is not available in this build ({e})")
-        try:
-            return build_sd_parts(cfg)
-        except (FileNotFoundError, ValueError) as e:  # bad model / prompt inputs: a message, not a traceback
-            raise SystemExit(f"error: {e}") from None
-    raise SystemExit(f"unknown model.kind {cfg.model.kind!r}")
+    """The family's RunParts (families.py maps model.kind to its builder)."""
+    from sfd_fast.families import family, resolve
+    try:
+        return resolve(family(cfg.model.kind).build)(cfg)
+    except (FileNotFoundError, ValueError) as e:  # bad model / prompt inputs: a message, not a traceback
+        raise SystemExit(f"error: {e}") from None
 
 
-def main(argv=None) -> dict:
+def load_run_config(args):
+    """(cfg, run_dir) from --config/--set or --resume, all checks done before anything is built."""
     from sfd_fast.config import ConfigError, load_config
-    args = parse_args(argv)
-    setup_logging()
+    from sfd_fast.engine import preflight
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -86,79 +82,88 @@ def main(argv=None) -> dict:
         else:
             cfg = load_config(args.config, args.overrides)
             run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
-            if (run_dir / "checkpoints" / "latest").exists():
+            if (run_dir / "checkpoints" / "latest").exists() and not args.dry_run:
                 raise ConfigError(f"run directory {run_dir} already holds a run; use --resume {run_dir} to "
                                   "continue it, or --run-dir / --set run.name=... for a new one")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and cfg.engine.backend == "plain":
             raise ConfigError(f"launched with WORLD_SIZE={world}, but engine.backend is 'plain' (one process); "
                               "run with a single process")
-        distributed = cfg.engine.backend == "deepspeed"
-        from sfd_fast.distributed import preflight
         preflight(cfg)  # explicit requests (deepspeed, adam8bit, xformers, world/batch) fail here
     except (ConfigError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
+    return cfg, run_dir
 
-    from sfd_fast.engine import resolve_device
-    from sfd_fast.trainer import SFDTrainer
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    cfg, run_dir = load_run_config(args)
     import torch
 
-    rank0 = True
-    if distributed:  # DeepSpeed: process group first (gloo on CPU, nccl on CUDA); rank-0-only writes
-        from sfd_fast.distributed import DeepSpeedTrainer, barrier, init_distributed
+    from sfd_fast.checkpoint import atomic_write_text
+    from sfd_fast.engine import resolve_device
+    from sfd_fast.families import family, resolve
+    from sfd_fast.trainer import SFDTrainer
+
+    # 1. device and ranks (DeepSpeed: process group first, gloo on CPU / nccl on CUDA; rank 0 writes)
+    distributed = cfg.engine.backend == "deepspeed"
+    if distributed:
+        from sfd_fast.engine.distributed import barrier, init_distributed
         device = init_distributed(cfg)
         rank0 = torch.distributed.get_rank() == 0
         if not rank0:
             logging.getLogger("sfd_fast").setLevel(logging.WARNING)
     else:
-        device = resolve_device(cfg.run.device)
-    if rank0:
+        device, rank0 = resolve_device(cfg.run.device), True
+    write = rank0 and not args.dry_run
+    if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir)
+    # 2. the family's parts (may pretrain and cache the digits teacher: rank 0 first, then the others)
     torch.manual_seed(cfg.run.seed)
     if distributed and not rank0:
-        barrier()  # rank 0 pretrains/caches the teacher first; the others then load it
-    parts = build_parts(cfg)  # may pretrain/cache the digits teacher (errors here name the file)
+        barrier()
+    parts = build_parts(cfg)
     if distributed and rank0:
         barrier()
+    if args.dry_run:
+        return dry_run(cfg, parts, device)
     if not args.resume and rank0:
-        from sfd_fast.checkpoint import atomic_write_text
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    trainer = (DeepSpeedTrainer if distributed else SFDTrainer)(cfg, parts, run_dir, device)
+    # 3. train
+    trainer = SFDTrainer(cfg, parts, run_dir, device)
     if args.resume:
         trainer.resume(run_dir)
     log.info("run dir %s: %d steps, batch %d remain + %d forget per step", run_dir, cfg.train.total_steps,
              cfg.train.batch_size, cfg.train.batch_size)
     trainer.train()
+    # 4. the family's evaluation (rank 0)
     result = {"run_dir": str(run_dir)}
-    if cfg.model.kind == "digits" and cfg.eval.enabled and rank0:
-        result.update(evaluate_digits_run(cfg, parts, trainer, run_dir))
+    evaluate = family(cfg.model.kind).evaluate
+    if evaluate and cfg.eval.enabled and rank0:
+        result.update(resolve(evaluate)(cfg, parts, trainer, run_dir))
     return result
 
 
-def evaluate_digits_run(cfg, parts, trainer, run_dir: Path) -> dict:
-    from sfd_fast.checkpoint import atomic_write_text
-    from sfd_fast.denoisers import ClassCondDenoiser
-    from sfd_fast.digits_run import load_generator_init, make_schedule
-    from sfd_fast.evaluation.digits_eval import evaluate_digits
-    from sfd_fast.generator import OneStepGenerator
-    from sfd_fast.pretrain import get_digits_classifier
+def dry_run(cfg, parts, device) -> dict:
+    """One step of a trainer that writes nothing; prints parameter counts, memory and the config."""
+    import time
 
-    clf, clf_meta = get_digits_classifier(cfg)
-    device = trainer.device
-    init_net = load_generator_init(cfg, parts.teacher.net).to(device)
-    init_gen = OneStepGenerator(ClassCondDenoiser(init_net, make_schedule(cfg).to(device), cfg.sfd.num_classes),
-                                cfg.sfd.t_init)
-    metrics = evaluate_digits(clf, trainer.generator_ema, init_gen, trainer.teacher, cfg.sfd.forget_class,
-                              cfg.sfd.num_classes, cfg.eval.samples_per_class, cfg.eval.teacher_steps)
-    metrics["classifier_accuracy"] = clf_meta["heldout_accuracy"]
-    metrics["step"] = trainer.step
-    atomic_write_text(run_dir / "eval.json", json.dumps(metrics, indent=1))
-    grid = run_dir / "samples_final.png"
-    parts.save_grid(trainer.generator_ema, grid)
-    log.info("eval: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
-    log.info("eval.json: %s  grid (one row per digit 0-9): %s", run_dir / "eval.json", grid)
-    return {"eval": metrics, "grid": str(grid)}
+    from sfd_fast.trainer import SFDTrainer, peak_memory, reset_peak_memory
+    trainer = SFDTrainer(cfg, parts, None, device)
+    counts = {role: sum(p.numel() for p in net.parameters())
+              for role, net in (("teacher", trainer.teacher), ("fake_score", trainer.fake_score),
+                                ("generator", trainer.generator))}
+    reset_peak_memory(device)
+    t0 = time.time()
+    trainer.train_step()
+    seconds = time.time() - t0
+    report = {"dry_run": True, "device": str(device), "parameters": counts, "step_seconds": seconds,
+              **peak_memory(device), "config": cfg.to_dict()}
+    if trainer.backend.is_rank0:
+        print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from sfd_fast.checkpoint import save_safetensors_atomic
-from sfd_fast.models.digits import DigitsEpsMLP
+from sfd_fast.digits.model import DigitsEpsMLP
 
 
 def random_digits_teacher(path: Path, hidden=32, blocks=1, seed=0) -> Path:

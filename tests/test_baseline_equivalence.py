@@ -24,14 +24,14 @@ if str(BENCH) not in sys.path:
 import sd_parts  # noqa: E402
 from baseline_step import BaselineSFD, BranchDraws  # noqa: E402
 from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase, STAT_FORGET_SUM, STAT_REMAIN_SUM  # noqa: E402
-from sfd_fast.tasks import PhaseConditions  # noqa: E402
+from sfd_fast.conditions import PhaseConditions  # noqa: E402
 
 B = 2
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sfd_fast.models.tiny_sd import build_tiny_sd
+    from sfd_fast.sd.tiny import build_tiny_sd
 
     d = build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
     sd = sd_parts.build_tiny(d)
@@ -108,7 +108,7 @@ def test_generator_phase_matches_baseline(setup):
     ir, jf, z, noise, t = _draws(sd, 1)
     tr.generator.zero_grad(set_to_none=True)
     tr.fake_score.zero_grad(set_to_none=True)
-    loss, stats = generator_phase(tr.generator, tr.fake_score_view, tr.teacher, tr.schedule,
+    loss, stats = generator_phase(tr.generator, tr.backend.fake_score_view, tr.teacher, tr.schedule,
                                   _fast_draws(tr.parts.task, ir, jf, z, noise, t), 1.0, 4.5, 4.5, B)
     loss.backward()
     # FrozenView: no fake-score weight gradients from the generator phase

@@ -7,8 +7,8 @@ resumed to 5; 8-bit Adam under ZeRO-2; a NaN injected on rank 1 only (ZeRO 0, 2,
 under ZeRO-2.
 
 Draws are comparable by construction: every rank draws the global micro batch from the same seeded
-stream and keeps rows [r*m, (r+1)*m) of the remain and of the forget half (DeepSpeedTrainer
-rng_mode='global_slice'), so a 2-rank run at global batch B draws exactly what the single-process
+stream and keeps rows [r*m, (r+1)*m) of the remain and of the forget half (engine.rng_mode
+'global_slice'), so a 2-rank run at global batch B draws exactly what the single-process
 run draws at B; the only difference left is the order of floating-point reductions.
 """
 import importlib.util
@@ -65,28 +65,30 @@ WORKER = textwrap.dedent('''
             train.main(job["argv"])
         elif job["kind"] == "nan":  # a NaN in one row on rank 1 only: every rank must skip the update
             from sfd_fast.config import load_config
-            from sfd_fast.digits_run import build_digits_parts
-            from sfd_fast.distributed import DeepSpeedTrainer, init_distributed
+            from sfd_fast.digits.build import build_parts as build_digits_parts
+            from sfd_fast.engine.distributed import init_distributed
+            from sfd_fast.trainer import SFDTrainer
             cfg = load_config(job["config"], job["set"])
             device = init_distributed(cfg)
             rank = torch.distributed.get_rank()
             run_dir = Path(job["run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
             torch.manual_seed(cfg.run.seed)
-            tr = DeepSpeedTrainer(cfg, build_digits_parts(cfg), run_dir, device)
+            tr = SFDTrainer(cfg, build_digits_parts(cfg), run_dir, device)
             tr.train_step()
-            full = lambda: {**{"G." + k: v for k, v in tr._full_fp32(tr.engine_G, tr.generator.net).items()},
-                            **{"F." + k: v for k, v in tr._full_fp32(tr.engine_F, tr.fake_score.net).items()}}
+            b = tr.backend
+            full = lambda: {**{"G." + k: v for k, v in b._full_fp32(tr.generator.net).items()},
+                            **{"F." + k: v for k, v in b._full_fp32(tr.fake_score.net).items()}}
             before = full()
-            orig = tr._draw
+            orig = b.draw
             def nan_draw(phase, *a):
                 d = orig(phase, *a)
                 if rank == 1:
                     d.z[0] = float("nan")
                 return d
-            tr._draw = nan_draw
+            b.draw = nan_draw
             tr.train_step()
             after_nan = full()
-            tr._draw = orig
+            b.draw = orig
             tr.train_step()
             after_ok = full()
             if rank == 0:
@@ -199,8 +201,8 @@ def test_resume_from_deepspeed_checkpoint_is_identical(runs, stage):
 @needs_ds
 def test_plain_path_reads_the_exported_weights(runs):
     """generator_init from a DeepSpeed run directory (the single-process reader) loads its EMA."""
-    from sfd_fast.digits_run import load_generator_init
-    from sfd_fast.models.digits import DigitsEpsMLP
+    from sfd_fast.digits.build import load_generator_init
+    from sfd_fast.digits.model import DigitsEpsMLP
     cfg = load_config(runs["cfg"], [f"model.generator_init={runs['tmp'] / 'z2'}"])
     net = load_generator_init(cfg, DigitsEpsMLP(10, 32, 1))
     ema = _final(runs["tmp"] / "z2")["generator_ema"]
@@ -281,7 +283,7 @@ def test_xformers_without_working_xformers_fails_before_training(tmp_path):
 
 
 def test_deepspeed_config_merge_and_owned_keys(tmp_path):
-    from sfd_fast.distributed import build_deepspeed_config
+    from sfd_fast.engine.distributed import build_deepspeed_config
     cfg = load_config(tiny_digits_config(tmp_path), ["engine.backend=deepspeed", "engine.zero_stage=2",
                                                      f"engine.deepspeed_config={ROOT / 'configs' / 'ds_zero2.json'}"])
     d = build_deepspeed_config(cfg, "generator", 2)
@@ -301,31 +303,31 @@ def test_deepspeed_config_merge_and_owned_keys(tmp_path):
 
 @needs_bnb
 def test_adam8bit_in_plain_backend(tmp_path):
-    from sfd_fast.digits_run import build_digits_parts
+    from sfd_fast.digits.build import build_parts as build_digits_parts
     from sfd_fast.trainer import SFDTrainer
     cfg = load_config(tiny_digits_config(tmp_path), ["engine.optimizer=adam8bit"])
     (tmp_path / "r").mkdir()
     tr = SFDTrainer(cfg, build_digits_parts(cfg), tmp_path / "r", torch.device("cpu"))
     tr.train_step()
-    dtypes = {v.dtype for st in tr.gen_opt.state.values() for k, v in st.items() if k == "state1"}
+    dtypes = {v.dtype for st in tr.backend.optimizers["generator"].state.values() for k, v in st.items() if k == "state1"}
     assert torch.uint8 in dtypes   # tensors >= 4096 elements (time.0.weight: 128 x 32)
     # the skip protocol: a set flag leaves the weights unchanged
     before = {k: v.clone() for k, v in tr.generator.state_dict().items()}
-    orig = tr._draw
+    orig = tr.backend.draw
 
     def nan_draw(phase, *a):
         d = orig(phase, *a)
         d.z[1] = float("nan")
         return d
-    tr._draw = nan_draw
+    tr.backend.draw = nan_draw
     tr.train_step()
     assert all(torch.equal(v, before[k]) for k, v in tr.generator.state_dict().items())
     assert tr.skipped.tolist() == [1.0, 1.0]
 
 
 def test_activation_checkpointing_same_step(tmp_path):
-    from sfd_fast.digits_run import build_digits_parts
-    from sfd_fast.models.digits import DigitsEpsMLP
+    from sfd_fast.digits.build import build_parts as build_digits_parts
+    from sfd_fast.digits.model import DigitsEpsMLP
     from sfd_fast.trainer import SFDTrainer
     losses = []
     for ac in (False, True):
@@ -342,5 +344,5 @@ def test_activation_checkpointing_same_step(tmp_path):
 
 
 def test_gpu_telemetry_is_empty_without_gpu():
-    from sfd_fast.telemetry import gpu_telemetry
+    from sfd_fast.engine.telemetry import gpu_telemetry
     assert gpu_telemetry(torch.device("cpu")) == {}

@@ -4,7 +4,7 @@ import torch
 
 from sfd_fast.denoisers import ClassCondDenoiser, DiffusersClassUNetDenoiser
 from sfd_fast.generator import OneStepGenerator
-from sfd_fast.models.digits import DigitsEpsMLP
+from sfd_fast.digits.model import DigitsEpsMLP
 from sfd_fast.schedules import VPSchedule
 
 diffusers = pytest.importorskip("diffusers")

@@ -13,7 +13,7 @@ import torch
 
 from sfd_fast import engine
 from sfd_fast.config import load_config
-from sfd_fast.digits_run import build_digits_parts
+from sfd_fast.digits.build import build_parts as build_digits_parts
 from sfd_fast.losses import generator_loss
 from sfd_fast.trainer import SFDTrainer
 
@@ -150,7 +150,7 @@ def test_frozen_view_composes_with_compiled_net(tmp_path, aot_eager):
     c = torch.arange(4)
     counters.clear()
     for i in range(3):
-        out = tr.fake_score_view.x0(x, t, c)
+        out = tr.backend.fake_score_view.x0(x, t, c)
         out.sum().backward()
         if i == 0:
             frames = counters["stats"]["unique_graphs"]

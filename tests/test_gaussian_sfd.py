@@ -16,9 +16,9 @@ from torch import nn
 from sfd_fast.config import Config
 from sfd_fast.denoisers import ClassCondDenoiser
 from sfd_fast.generator import OneStepGenerator
-from sfd_fast.models.digits import timestep_embedding
+from sfd_fast.digits.model import timestep_embedding
 from sfd_fast.schedules import VPSchedule
-from sfd_fast.tasks import ClassForgetTask
+from sfd_fast.conditions import ClassForgetTask
 from sfd_fast.trainer import RunParts, SFDTrainer
 
 MEANS = torch.tensor([[2.0, 0.0], [-1.0, 1.5], [-1.0, -1.5]])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sfd_fast.config import load_config
-from sfd_fast.digits_run import build_digits_parts
+from sfd_fast.digits.build import build_parts as build_digits_parts
 from sfd_fast.losses import generator_loss
 from sfd_fast.trainer import SFDTrainer
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfd_fast.conditioning import TextEncoderCache
-from sfd_fast.data.prompts import (ForgetPromptSet, RemainPromptSet, apply_context_dropout,
-                                   read_prompt_file)
-from sfd_fast.models.stable_diffusion import load_stable_diffusion, sd_denoiser
-from sfd_fast.models.tiny_sd import build_tiny_sd
+from sfd_fast.sd.text import TextEncoderCache
+from sfd_fast.sd.prompts import ForgetPromptSet, RemainPromptSet, read_prompt_file
+from sfd_fast.sd.loading import load_stable_diffusion, sd_denoiser
+from sfd_fast.sd.tiny import build_tiny_sd
 
 PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "prompts"
 
@@ -112,7 +111,7 @@ def test_clamping_scheduler_refused(tmp_path, sd_dirs, key):
 
 
 def test_tiny_sd_cli(tmp_path):
-    from sfd_fast.models.tiny_sd import main
+    from sfd_fast.sd.tiny import main
 
     main([str(tmp_path / "cli"), "--prediction", "v_prediction"])
     cfg = json.loads((tmp_path / "cli" / "scheduler" / "scheduler_config.json").read_text())
@@ -258,14 +257,23 @@ def test_pos_keywords_forget_only_and_negatives():
 
 
 def test_context_dropout_rate():
-    g = torch.Generator().manual_seed(0)
-    prompts = [f"p{i}" for i in range(20000)]
-    out = apply_context_dropout(prompts, 0.1, g)
-    rate = sum(s == "" for s in out) / len(out)
+    """The production dropout (TextForgetTask, fake-score phase, guidance != 1) drops ~10% of rows,
+    and a dropped row is "" for the generator, the fake score and its uncond alike."""
+    from sfd_fast.sd.text import TextForgetTask
+    remain = RemainPromptSet([f"p{i}" for i in range(50)])
+    forget = ForgetPromptSet(["a photo of brad pitt"], "brad pitt", "a man")
+    task = TextForgetTask(None, remain, forget, context_dropout=0.1, guidance=(4.5, 1.0, 1.0), use_cache=False)
+    out = task.draw_prompts(10000, 10000, torch.Generator().manual_seed(0), "fake_score")
+    dropped = [g == "" for g in out["generator"]]
+    rate = sum(dropped) / len(dropped)
     # binomial std = sqrt(0.1 * 0.9 / 20000) = 0.0021; tolerance 0.01 is ~4.7 std
     assert abs(rate - 0.1) < 0.01
-    assert all(a == b for a, b in zip(prompts, out) if b)
-    assert apply_context_dropout(prompts[:5], 0.0, g) == prompts[:5]
+    assert all((f == "") == d for f, d in zip(out["fake"], dropped))
+    assert all(t != "" for t in out["teacher"])  # the teacher is never dropped
+    # no dropout in the generator phase, nor when the fake score is never guided
+    assert "" not in task.draw_prompts(200, 200, torch.Generator().manual_seed(1), "generator")["generator"]
+    unguided = TextForgetTask(None, remain, forget, context_dropout=0.1, use_cache=False)
+    assert "" not in unguided.draw_prompts(200, 200, torch.Generator().manual_seed(1), "fake_score")["generator"]
 
 
 def test_remain_set_and_grid():

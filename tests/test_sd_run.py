@@ -15,14 +15,15 @@ import torch
 from PIL import Image
 
 from sfd_fast import train
-from sfd_fast.conditioning import TextEncoderCache
+from sfd_fast.sd.text import TextEncoderCache
 from sfd_fast.config import ConfigError, load_config
-from sfd_fast.data.prompts import ForgetPromptSet, RemainPromptSet
-from sfd_fast.models.tiny_sd import build_tiny_sd
-from sfd_fast.sd_run import build_sd_parts, make_task, sample_latents
+from sfd_fast.sd.prompts import ForgetPromptSet, RemainPromptSet
+from sfd_fast.sd.tiny import build_tiny_sd
+from sfd_fast.sd.build import build_parts as build_sd_parts, make_task
+from sfd_fast.sd.sampling import sample_latents
 from sfd_fast.step import PhaseDraws, draw_phase, fake_score_phase, generator_phase
-from sfd_fast.tasks import PhaseConditions
-from sfd_fast.text_task import TextForgetTask
+from sfd_fast.conditions import PhaseConditions
+from sfd_fast.sd.text import TextForgetTask
 from sfd_fast.trainer import SFDTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,8 +317,8 @@ def test_export_round_trip_matches_engine_one_step(tiny_run, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from sfd_fast.cli import main as cli_main
-    from sfd_fast.sd_cli import load_run_generator
-    from sfd_fast.sd_run import decode_latents
+    from sfd_fast.sd.build import load_run_generator
+    from sfd_fast.sd.sampling import decode_latents
 
     out = tmp_path / "export"
     cli_main(["export", "--run", str(tiny_run), "--out", str(out)])

@@ -5,10 +5,10 @@ import torch
 
 from sfd_fast.denoisers import ClassCondDenoiser, FrozenView
 from sfd_fast.generator import OneStepGenerator
-from sfd_fast.models.digits import DigitsEpsMLP
+from sfd_fast.digits.model import DigitsEpsMLP
 from sfd_fast.schedules import VPSchedule
 from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase
-from sfd_fast.tasks import ClassForgetTask
+from sfd_fast.conditions import ClassForgetTask
 
 
 def _nets(seed=0):

@@ -9,7 +9,7 @@ from sfd_fast import checkpoint as ckpt_mod
 from sfd_fast import train
 from sfd_fast.checkpoint import latest_checkpoint, load_checkpoint
 from sfd_fast.config import load_config
-from sfd_fast.digits_run import build_digits_parts
+from sfd_fast.digits.build import build_parts as build_digits_parts
 from sfd_fast.trainer import SFDTrainer
 
 from .helpers import tiny_digits_config
@@ -66,21 +66,21 @@ def test_nan_injected_step_leaves_weights_unchanged_and_is_counted(tmp_path):
     tr.train_step()  # a normal step first, so the optimizer has state
     before_g = {k: v.clone() for k, v in tr.generator.state_dict().items()}
     before_f = {k: v.clone() for k, v in tr.fake_score.state_dict().items()}
-    orig_draw = tr._draw
+    orig_draw = tr.backend.draw
 
     def nan_draw(phase, *a):
         d = orig_draw(phase, *a)
         d.z[1] = float("nan")  # one poisoned row in both phases
         return d
 
-    tr._draw = nan_draw
+    tr.backend.draw = nan_draw
     tr.train_step()
     for k, v in tr.generator.state_dict().items():
         assert torch.isfinite(v).all() and torch.equal(v, before_g[k]), k
     for k, v in tr.fake_score.state_dict().items():
         assert torch.isfinite(v).all() and torch.equal(v, before_f[k]), k
     assert tr.skipped.tolist() == [1.0, 1.0]
-    tr._draw = orig_draw
+    tr.backend.draw = orig_draw
     tr.train_step()  # training goes on normally afterwards
     assert tr.skipped.tolist() == [1.0, 1.0]
     assert any(not torch.equal(v, before_g[k]) for k, v in tr.generator.state_dict().items())
@@ -132,3 +132,33 @@ def test_ema_beta_halflife_rampup_and_fixed(tmp_path):
     assert abs(tr.ema_beta() - 0.5 ** (8 / 200)) < 1e-12
     tr.cfg.train.ema.decay = 0.9999
     assert tr.ema_beta() == 0.9999
+
+
+def test_dry_run_builds_steps_and_writes_nothing(tmp_path, capsys):
+    cfg_path = tiny_digits_config(tmp_path)
+    run_dir = tmp_path / "dry"
+    report = train.main(["--config", str(cfg_path), "--run-dir", str(run_dir), "--dry-run"])
+    assert not run_dir.exists()
+    assert report["dry_run"] and report["peak_mem_bytes"] > 0 and report["step_seconds"] > 0
+    assert set(report["parameters"]) == {"teacher", "fake_score", "generator"}
+    assert report["parameters"]["generator"] == report["parameters"]["teacher"] > 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["parameters"] == report["parameters"]  # the printed report
+    assert report["config"]["train"]["total_steps"] == load_config(cfg_path).train.total_steps
+
+
+def test_attention_auto_on_cpu_is_sdpa_and_explicit_xformers_fails(caplog):
+    from sfd_fast.engine import resolve_attention
+    with caplog.at_level("INFO", logger="sfd_fast"):
+        assert resolve_attention("auto", torch.device("cpu")) == "sdpa"
+    assert "engine.attention auto -> sdpa" in caplog.text
+    assert resolve_attention("sdpa", torch.device("cpu")) == "sdpa"
+    with pytest.raises(RuntimeError, match="xformers"):
+        resolve_attention("xformers", torch.device("cpu"))
+
+
+def test_tick_record_has_peak_memory(tmp_path):
+    cfg_path = tiny_digits_config(tmp_path, train={"total_steps": 2, "log_every": 1})
+    train.main(["--config", str(cfg_path), "--run-dir", str(tmp_path / "r")])
+    recs = [json.loads(line) for line in (tmp_path / "r" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2] and all(r["peak_mem_bytes"] > 0 for r in recs)

@@ -1,1 +1,0 @@
-"""Drop-in functions with the signatures of the reference SFD/SiD codebases (spec §6)."""

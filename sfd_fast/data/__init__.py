@@ -1,1 +1,0 @@
-"""Prompt data: prompt-file readers, forget/remain prompt sets and context dropout."""

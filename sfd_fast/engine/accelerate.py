@@ -1,0 +1,281 @@
+"""Acceleration, applied in one place and in a fixed order (ARCHITECTURE.md property 4):
+precision -> attention backend -> activation checkpointing -> torch.compile -> backend
+(`accelerate(trainer)` at the bottom of this file; the backend is engine/plain.py or engine/deepspeed.py).
+
+Each switch has an 'off' position that is a tested path.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from .device import resolve_device
+
+log = logging.getLogger("sfd_fast")
+
+XFORMERS_HINT = ("engine.attention='xformers' was requested but xformers cannot be used here ({err}). "
+                 "Install a wheel built for this torch (`pip install xformers`) on a CUDA machine, or set "
+                 "engine.attention='sdpa' (or 'auto' to fall back)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The SFD generator loss: reference torch or the fused Triton op
+# --------------------------------------------------------------------------------------------------
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def select_generator_loss(engine_cfg, device: torch.device):
+    """The SFD generator-loss implementation for `engine.kernels`:
+
+    * "torch":  the plain-torch reference `losses.generator_loss`;
+    * "triton": the fused Triton op `sfd_fast.kernels.sfd_generator_loss` (same signature and
+      gradients). Without Triton: ImportError with the install hint. On CPU tensors it runs only in
+      Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported; tests only, slow):
+      otherwise a RuntimeError says so. Never a silent fallback (ARCHITECTURE.md property 5);
+    * "auto":   Triton on CUDA when it imports, else the reference; logs what it chose.
+    """
+    from ..losses import generator_loss
+
+    choice = getattr(engine_cfg, "kernels", "auto")
+    device = torch.device(device)
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"engine.kernels={choice!r}; expected one of {KERNEL_CHOICES}")
+    if choice == "torch":
+        return generator_loss
+    from .. import kernels as kernel_pkg
+
+    if choice == "auto":
+        if device.type == "cuda" and kernel_pkg.triton_available():
+            from ..kernels import sfd_loss
+
+            if not sfd_loss.kernel_interpreted():
+                log.info("engine.kernels=auto -> triton (fused SFD generator loss on %s)", device)
+                return sfd_loss.sfd_generator_loss
+            why = "TRITON_INTERPRET=1 is set (interpreter mode is for tests, not speed)"
+        else:
+            why = "no CUDA device" if device.type != "cuda" else "triton is not importable"
+        log.info("engine.kernels=auto -> torch reference generator loss (%s)", why)
+        return generator_loss
+    # explicit "triton": fail loudly, with what to do
+    kernel_pkg.require_triton("engine.kernels='triton' (the fused SFD generator loss)")
+    from ..kernels import sfd_loss
+
+    if device.type != "cuda" and not sfd_loss.kernel_interpreted():
+        raise RuntimeError(
+            f"engine.kernels='triton' on device {device.type!r}: Triton kernels need CUDA. On CPU they "
+            "run only in Triton's interpreter, for tests: set TRITON_INTERPRET=1 in the environment "
+            "before starting Python. Otherwise use engine.kernels='torch' or 'auto'.")
+    log.info("engine.kernels=triton -> fused SFD generator loss (%s)",
+             "interpreter mode" if sfd_loss.kernel_interpreted() else device)
+    return sfd_loss.sfd_generator_loss
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile, applied here and nowhere else
+# --------------------------------------------------------------------------------------------------
+# Backend override for tests and debugging only ("aot_eager" checks graph capture and recompiles
+# without paying inductor's code generation); runs use inductor.
+COMPILE_BACKEND_ENV = "SFD_FAST_COMPILE_BACKEND"
+
+
+def compile_networks(denoisers, engine_cfg, backend: str | None = None) -> list[torch.nn.Module]:
+    """torch.compile each denoiser's backbone `net` in place (`nn.Module.compile`), when
+    `engine.compile` is true; returns the compiled nets (empty when off).
+
+    Why per network and in place:
+      * the step's own code (draws, CFG combination, closed-form x0, loss, masking) is cheap
+        elementwise work; the networks are >99% of the FLOPs. Compiling `net` keeps the step
+        readable and the graphs small, one per (network, batch shape, grad mode);
+      * `Module.compile` keeps the module object and its parameter names, so checkpoints, EMA
+        (foreach over .parameters()), optimizers and FrozenView's functional_call are untouched
+        (an `OptimizedModule` wrapper would prefix every state_dict key with `_orig_mod.`);
+      * dynamic=False: each network sees a fixed set of batch shapes (B, or 2B with CFG), so
+        static graphs never recompile after the first step; automatic dynamic shapes would
+        recompile once more and give slower symbolic kernels.
+    Graph inventory per step (all cached after step 1): generator (grad and no_grad), fake score
+    (trained, and FrozenView's detached weights), teacher. Frozen networks are never toggled
+    (requires_grad is fixed at setup), so the guards stay stable.
+    """
+    if not getattr(engine_cfg, "compile", False):
+        return []
+    import os
+
+    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    # Five graph variants per backbone code object (see above) plus autocast on/off: stay well
+    # inside the recompile limit (8 by default) even when several denoisers share a class.
+    import torch._dynamo
+
+    limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 16)
+    torch._dynamo.config.recompile_limit = limit
+    if hasattr(torch._dynamo.config, "cache_size_limit"):
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+    nets, seen = [], set()
+    for d in denoisers:
+        net = d.net
+        if id(net) in seen:
+            continue
+        seen.add(id(net))
+        net.compile(backend=backend, dynamic=False)
+        nets.append(net)
+    log.info("engine.compile: torch.compile(backend=%s, dynamic=False) on %d networks", backend, len(nets))
+    return nets
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Explicit requests, checked before any model is built
+# --------------------------------------------------------------------------------------------------
+
+def check_xformers(device: torch.device | None = None):
+    """Raise with the install hint unless xformers imports and can run (CUDA only)."""
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as e:
+        raise RuntimeError(XFORMERS_HINT.format(err=f"{type(e).__name__}: {e}")) from None
+    if device is not None and device.type != "cuda":
+        raise RuntimeError(XFORMERS_HINT.format(err=f"xformers kernels run on CUDA only; run.device is {device}"))
+
+
+def preflight(cfg, device: torch.device | None = None):
+    """Every 'explicit request' of the engine section, checked before any model is built."""
+    e = cfg.engine
+    if e.backend == "deepspeed":
+        from .distributed import validate_world, world_size_from_env
+        validate_world(cfg, world_size_from_env())
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as err:
+            from .distributed import DS_HINT
+            raise RuntimeError(DS_HINT.format(err=f"{type(err).__name__}: {err}")) from None
+    if e.optimizer == "adam8bit":
+        from .optim import require_bitsandbytes
+        require_bitsandbytes()
+    if e.attention == "xformers":
+        if device is None:
+            device = resolve_device(cfg.run.device)
+        check_xformers(device)
+    if e.deepspeed_config and e.backend == "deepspeed":
+        from .distributed import read_user_ds_json
+        read_user_ds_json(e.deepspeed_config)
+
+
+def resolve_attention(requested: str, device: torch.device | None) -> str:
+    """The one attention policy: 'sdpa' | 'xformers' as asked ('xformers' raises with the install
+    hint when it cannot run); 'auto' -> xformers on a CUDA device where it imports, else SDPA, and
+    says which it chose."""
+    if requested == "xformers":
+        check_xformers(device)
+        return "xformers"
+    if requested != "auto":
+        return requested
+    choice, why = "sdpa", "not a CUDA device"
+    if device is not None and device.type == "cuda":
+        try:
+            check_xformers(device)
+            choice, why = "xformers", "xformers imports"
+        except RuntimeError as e:
+            why = str(e).split("(", 1)[-1].split(")", 1)[0]
+    log.info("engine.attention auto -> %s (%s)", choice, why)
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention backend and activation checkpointing (both backends)
+# ---------------------------------------------------------------------------------------------------
+
+_CKPT_CLASSES: dict = {}
+
+
+def _checkpointed_class(cls):
+    """A subclass of `cls` whose forward runs under torch.utils.checkpoint (state_dict unchanged)."""
+    if getattr(cls, "_sfd_checkpointed", False):
+        return cls
+    if cls not in _CKPT_CLASSES:
+        def forward(self, *args, **kwargs):
+            if getattr(self, "_sfd_recompute", False) or not torch.is_grad_enabled():
+                return cls.forward(self, *args, **kwargs)
+            # The weights go into the checkpoint as explicit inputs, so the recomputation uses the
+            # same tensors as the forward, also under functional_call (FrozenView's detached weights).
+            named = dict(self.named_parameters())
+            names, n = list(named), len(args)
+
+            def run(*flat):
+                self._sfd_recompute = True
+                try:
+                    return torch.func.functional_call(self, dict(zip(names, flat[n:])), tuple(flat[:n]), kwargs)
+                finally:
+                    self._sfd_recompute = False
+            return torch.utils.checkpoint.checkpoint(run, *args, *named.values(), use_reentrant=False)
+        _CKPT_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (cls,),
+                                  {"forward": forward, "_sfd_checkpointed": True})
+    return _CKPT_CLASSES[cls]
+
+
+def apply_attention_and_checkpointing(nets: list, engine_cfg, device: torch.device | None = None) -> dict:
+    """Attention backend and activation checkpointing on `nets` [(role, module)] (idempotent).
+
+    diffusers UNets: set_attn_processor(AttnProcessor2_0) (SDPA) or
+    enable_xformers_memory_efficient_attention(); enable_gradient_checkpointing().
+    Digits MLP (no attention): its residual blocks run under torch.utils.checkpoint.
+    Returns what was applied, per network, for the log."""
+    applied = {}
+    attention = resolve_attention(engine_cfg.attention, device)
+    for role, net in nets:
+        done = []
+        has_attn = hasattr(net, "set_attn_processor")
+        if has_attn and attention == "xformers":
+            net.enable_xformers_memory_efficient_attention()
+            done.append("xformers")
+        elif has_attn:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+            net.set_attn_processor(AttnProcessor2_0())
+            done.append("sdpa")
+        if engine_cfg.activation_checkpointing:
+            if hasattr(net, "enable_gradient_checkpointing"):
+                net.enable_gradient_checkpointing()
+                done.append("checkpointing(diffusers)")
+            elif isinstance(getattr(net, "blocks", None), nn.ModuleList):
+                for block in net.blocks:
+                    block.__class__ = _checkpointed_class(type(block))
+                done.append(f"checkpointing({len(net.blocks)} blocks)")
+            else:
+                raise RuntimeError(f"engine.activation_checkpointing: the {role} network "
+                                   f"({type(net).__name__}) has no known checkpointing hook")
+        applied[role] = done
+    if any(applied.values()):
+        log.info("attention/checkpointing: %s", applied)
+    return applied
+
+
+# --------------------------------------------------------------------------------------------------
+# THE ordered function
+# --------------------------------------------------------------------------------------------------
+
+def accelerate(trainer) -> dict:
+    """Apply `engine.*` to a freshly built SFDTrainer, once, in this order:
+
+      1. precision   bf16 autocast around each phase, fp32 master weights (trainer.autocast)
+      2. attention   one policy (resolve_attention) on every UNet, the EMA copy included
+      3. activation checkpointing on the teacher, fake score and generator
+      4. torch.compile of each network's backbone (after the EMA copy: it stays eager)
+    The distributed wrapper (DeepSpeed engines) comes after, in the backend (make_backend).
+    Returns what was applied, for the log and --dry-run."""
+    e = trainer.cfg.engine
+    nets = [("teacher", trainer.teacher.net), ("fake_score", trainer.fake_score.net),
+            ("generator", trainer.generator.net)]
+    applied = {"precision": e.precision}
+    applied.update(apply_attention_and_checkpointing(nets, e, trainer.device))
+    if trainer.ema_enabled:
+        ema_net = trainer.generator_ema.net
+        if hasattr(ema_net, "set_attn_processor"):
+            no_ckpt = copy.copy(e)
+            no_ckpt.activation_checkpointing = False   # the EMA copy never runs a backward
+            applied.update({"generator_ema": apply_attention_and_checkpointing(
+                [("generator_ema", ema_net)], no_ckpt, trainer.device)["generator_ema"]})
+    compiled = compile_networks([trainer.teacher, trainer.fake_score, trainer.generator.denoiser], e)
+    applied["compiled"] = len(compiled)
+    return applied

@@ -1,0 +1,91 @@
+"""Config checks of the Stable Diffusion family (called by config.validate through families.py):
+the model source, prompt files and concept, before any weights are loaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .loading import REQUIRED_PARTS
+from .prompts import REMAIN_FILES, ForgetPromptSet
+
+
+def _sd_pretrained_problem(pretrained: str) -> str | None:
+    """Why `model.pretrained` cannot be a Stable Diffusion source, or None if it may be.
+
+    Accepted: an existing diffusers pipeline folder, "tiny:DIR" (a tiny random pipeline built in
+    DIR on first use, for CPU smoke runs), or a hub id "org/name" (checked when loading)."""
+    if not pretrained:
+        return ("is empty; give a diffusers Stable Diffusion folder (e.g. a local copy of "
+                "runwayml/stable-diffusion-v1-5), a hub id 'org/name', or 'tiny:DIR' for a CPU smoke run")
+    if pretrained.startswith("tiny:"):
+        return None if pretrained[5:] else "is 'tiny:' without a folder; use e.g. 'tiny:runs/tiny_sd'"
+    p = Path(pretrained).expanduser()
+    if p.is_dir():
+        missing = [part for part in REQUIRED_PARTS if not (p / part).exists()]
+        if missing:
+            return (f"= {pretrained!r} is not a diffusers Stable Diffusion folder: it lacks "
+                    f"{', '.join(missing)} (expected {', '.join(REQUIRED_PARTS)}, as written by "
+                    "StableDiffusionPipeline.save_pretrained)")
+        return None
+    if p.exists():
+        return f"= {pretrained!r} is a file, not a diffusers Stable Diffusion folder"
+    parts = Path(pretrained).parts
+    looks_local = (pretrained.startswith((".", "/", "~")) or len(parts) != 2
+                   or Path(parts[0]).is_dir())
+    if looks_local:
+        return (f"= {pretrained!r} does not exist; give an existing diffusers Stable Diffusion folder "
+                "or a hub id such as 'runwayml/stable-diffusion-v1-5'")
+    return None
+
+
+def _first_prompt_line(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return any(line.strip() for line in f)
+
+
+def validate(cfg, bad) -> None:
+    """Stable Diffusion inputs, checked before any model is built (prompt files, concept, sources)."""
+    m, pr = cfg.model, cfg.prompts
+    problem = _sd_pretrained_problem(m.pretrained)
+    if problem:
+        bad("model.pretrained", problem)
+    gi = m.generator_init
+    if gi.lower().endswith((".pkl", ".pickle")) and not m.trust_pickle:
+        bad("model.generator_init", f"= {gi!r} is a pickle; unpickling runs arbitrary code from the file. "
+            "Set model.trust_pickle to true only if you trust its source (e.g. a SiD-LSG generator "
+            "{'ema': UNet}), or convert it to safetensors / a diffusers UNet folder")
+    # remain prompts: only existence and non-emptiness here (a caption list may be millions of lines)
+    rp = Path(pr.remain_file).expanduser()
+    if not pr.remain_file:
+        bad("prompts.remain_file", "is empty; give a text file with one remain prompt per line")
+    if rp.is_dir():
+        found = [rp / n for n in REMAIN_FILES if (rp / n).is_file()]
+        if not found:
+            bad("prompts.remain_file", f"= {str(rp)!r} is a directory holding none of {', '.join(REMAIN_FILES)}")
+        rp = found[0]
+    if not rp.is_file():
+        bad("prompts.remain_file", f"= {str(rp)!r} does not exist (expected a text file, one prompt per line)")
+    if not _first_prompt_line(rp):
+        bad("prompts.remain_file", f"= {str(rp)!r} is empty (expected one prompt per line)")
+    if not pr.forget_file and not pr.concept_to_forget:
+        bad("prompts.forget_file", "is empty and so is prompts.concept_to_forget; give the forget prompt "
+            "file (prompts naming the concept) or at least the concept")
+    try:
+        forget = ForgetPromptSet.from_config(pr)
+    except FileNotFoundError as e:
+        bad("prompts", f"names a missing prompt file: {e}")
+    except ValueError as e:
+        key = "prompts.concept_to_forget" if "concept" in str(e) else "prompts"
+        bad(key, f"is invalid: {e}")
+    if len(pr.use_neg) != 3 or not all(isinstance(u, bool) for u in pr.use_neg):
+        bad("prompts.use_neg", f"must be three booleans (kappa1 fake-train, kappa2 fake-eval, kappa4 "
+            f"teacher), got {pr.use_neg!r}")
+    if pr.sid_w_neg and not forget.has_neg:
+        bad("prompts.sid_w_neg", "is true but prompts.neg_file is not set; give a negative prompt file")
+    if not 0 <= pr.context_dropout < 1:
+        bad("prompts.context_dropout", f"must be in [0, 1), got {pr.context_dropout}")
+    if pr.resolution <= 0 or pr.resolution % 8:
+        bad("prompts.resolution", f"must be a positive multiple of 8 (the VAE factor), got {pr.resolution}")
+    if not all(isinstance(p, str) for p in pr.grid_prompts):
+        bad("prompts.grid_prompts", "must be a list of strings")
+    if pr.grid_per_prompt < 1:
+        bad("prompts.grid_per_prompt", f"must be >= 1, got {pr.grid_per_prompt}")
