@@ -7,7 +7,7 @@ stage 2 in a world of one, engine.optimizer=adam8bit (bitsandbytes), activation 
 micro-batch 1 remain + 1 forget (train.batch_size 2 with grad_accum 2: two micro-batches per step).
 The weights: an SD1.5-architecture pipeline with random weights (bench/sd_parts.py's UNet and text
 encoder, SD's VAE shape) written to a temporary folder and loaded through the product path
-(build_sd_parts + the DeepSpeed trainer), so the peak is what a real run of that configuration
+(sfd_fast.sd.build.build_parts + SFDTrainer with the DeepSpeed backend), so the peak is what a real run of that configuration
 allocates. --tiny: the tiny random pipeline on this machine's device instead (a smoke test on CPU).
 
 The JSON (written after the build and again after every step, atomically, so a time limit still
@@ -74,8 +74,10 @@ def _write(path: Path, result: dict) -> None:
 
 def measure_config(out: Path, steps: int, tiny: bool, work: Path, extra=()) -> dict:
     from sfd_fast.config import load_config
-    from sfd_fast.distributed import DeepSpeedTrainer, init_distributed, preflight
-    from sfd_fast.sd_run import build_sd_parts
+    from sfd_fast.engine import preflight
+    from sfd_fast.engine.distributed import init_distributed
+    from sfd_fast.sd.build import build_parts
+    from sfd_fast.trainer import SFDTrainer
 
     pretrained = f"tiny:{work / 'tiny_sd'}" if tiny else str(write_sd15_random(work / "sd15_random"))
     device_name = "cpu" if tiny else "cuda"
@@ -92,7 +94,7 @@ def measure_config(out: Path, steps: int, tiny: bool, work: Path, extra=()) -> d
     t0 = time.perf_counter()
     run_dir = work / "runs" / "memory"
     run_dir.mkdir(parents=True)
-    trainer = DeepSpeedTrainer(cfg, build_sd_parts(cfg), run_dir, device)
+    trainer = SFDTrainer(cfg, build_parts(cfg), run_dir, device)  # engine.backend=deepspeed: two ZeRO engines
     if device.type == "cuda":
         torch.cuda.synchronize()
         result["after_build_allocated_bytes"] = int(torch.cuda.memory_allocated())

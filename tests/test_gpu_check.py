@@ -247,20 +247,12 @@ def _memory_tiny(tmp_path, *overrides):
 @pytest.mark.slow
 def test_memory_stage_runs_the_configuration_on_tiny_sd(tmp_path):
     """bench/memory_gpu.py end to end on CPU (tiny pipeline, DeepSpeed ZeRO-2 world of one, 8-bit
-    Adam), without checkpointing: see the next test for why."""
+    Adam), without checkpointing: with it the generator phase fails (CheckpointError; docs/gpu_check.md
+    "Known limits"), a core bug for the memory work of issue #10 to fix."""
     r, res = _memory_tiny(tmp_path, "engine.activation_checkpointing=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert res["steps"] == 2 and len(res["step_s"]) == 2 and res["peak_rss_bytes"] > 0
     assert "engine.zero_stage=2" in res["overrides"] and "engine.optimizer=adam8bit" in res["overrides"]
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="core bug: activation checkpointing + FrozenView (functional_call with "
-                   "detached weights) in the generator phase: the recompute runs outside functional_call "
-                   "and saves different tensors (CheckpointError); ZeRO-3's requires_grad toggle works")
-def test_memory_stage_with_activation_checkpointing(tmp_path):
-    r, res = _memory_tiny(tmp_path)
-    assert r.returncode == 0 and res["steps"] == 2, r.stderr[-2000:]
 
 
 def test_stage_without_numbers_is_not_ok(tmp_path):
