@@ -34,27 +34,23 @@ there either, again as the reference (sg_model.eval()).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import DDPMNetConfig
+
 
 @dataclass
-class DDPMArch:
+class DDPMArch(DDPMNetConfig):
     """The network hyper-parameters of a reference YAML's `model:` section (+ image size, classes)."""
-    image_size: int = 32
     num_classes: int = 10
-    in_channels: int = 3
     out_ch: int = 3
-    ch: int = 128
-    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
-    num_res_blocks: int = 2
-    attn_resolutions: list = field(default_factory=lambda: [16])
-    dropout: float = 0.1
-    resamp_with_conv: bool = True
 
     @classmethod
     def for_image_size(cls, image_size: int = 32, num_classes: int = 10) -> "DDPMArch":
@@ -253,7 +249,5 @@ class DDPMUNet(nn.Module):
 
 def arch_of(d, num_classes: int) -> "DDPMArch":
     """The network hyper-parameters of the `ddpm` config section `d` for `num_classes` classes."""
-    return DDPMArch(image_size=d.image_size, num_classes=num_classes, in_channels=d.in_channels,
-                    out_ch=d.in_channels, ch=d.ch, ch_mult=list(d.ch_mult),
-                    num_res_blocks=d.num_res_blocks, attn_resolutions=list(d.attn_resolutions),
-                    dropout=d.dropout, resamp_with_conv=d.resamp_with_conv)
+    net = {f.name: copy.deepcopy(getattr(d, f.name)) for f in dataclasses.fields(DDPMNetConfig)}
+    return DDPMArch(**net, num_classes=num_classes, out_ch=d.in_channels)

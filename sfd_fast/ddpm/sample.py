@@ -20,18 +20,12 @@ REFERENCE_NAME = re.compile(r"^(\d{3})_(\d{5})\.png$")
 
 
 def run_config(run_dir: Path):
-    """The ddpm run's config.json (keys and types checked)."""
-    from ..config import Config, ConfigError, _build
-    f = Path(run_dir) / "config.json"
-    if not f.is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json; is it a sfd-fast run directory?")
+    """The ddpm run's config.json, or a one-line error."""
+    from ..config import ConfigError, read_run_config
     try:
-        cfg = _build(Config, json.loads(f.read_text()), "", str(f))
+        return read_run_config(run_dir, "ddpm")
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if cfg.model.kind != "ddpm":
-        raise SystemExit(f"error: {run_dir} is a {cfg.model.kind!r} run; this command is for ddpm runs")
-    return cfg
 
 
 def checkpoint_dir(run_dir: Path, checkpoint: str | None = None) -> Path:
