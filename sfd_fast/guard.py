@@ -44,6 +44,10 @@ class RunGuard:
         self.every = max(1, min(self.limit, trainer.cfg.train.log_every))
         self.prev = trainer.skipped.clone()
         self.consecutive = torch.zeros_like(trainer.skipped)
+        # non-finite loss rows per phase during the current run of skipped updates; the trainer's stats
+        # are sums since the last tick (zeroed there), so the per-step rows are a difference to `last`
+        self.last_rows = torch.zeros_like(trainer.skipped)
+        self.rows_in_run = torch.zeros_like(trainer.skipped)
         self.signum = 0
         self.start_step = None          # the step this process started training from
         self._saved_handlers = {}
@@ -86,6 +90,12 @@ class RunGuard:
         did_skip = t.skipped > self.prev
         self.consecutive = torch.where(did_skip, self.consecutive + 1, torch.zeros_like(self.consecutive))
         self.prev.copy_(t.skipped)
+        if (t.step - 1) % t.cfg.train.log_every == 0:   # the previous step ended with a tick: stats were zeroed
+            self.last_rows.zero_()
+        rows = t.stats[:, STAT_NONFINITE]
+        self.rows_in_run = torch.where(did_skip, self.rows_in_run + rows - self.last_rows,
+                                       torch.zeros_like(self.rows_in_run))
+        self.last_rows.copy_(rows)
 
     def check(self, saved_now: bool, final: bool = False) -> None:
         """Raise RunInterrupted / RunCannotTrain after writing a checkpoint (unless one was just written).
@@ -105,11 +115,11 @@ class RunGuard:
         if not stuck:
             return
         ck = t.run_dir / "checkpoints" / f"step-{t.step:08d}" if saved_now else t.save()
-        nonfinite = t.stats[:, STAT_NONFINITE].tolist()
+        nonfinite = self.rows_in_run.tolist()
         raise RunCannotTrain(
             f"training stopped at step {t.step}: the last {int(max(runs))} updates of the "
-            f"{' and '.join(stuck)} were all skipped (non-finite gradients); non-finite loss rows since the "
-            f"last tick: {_rows(nonfinite)}; {first_nonfinite_weight(t)}. Checkpoint {ck} holds the last good "
+            f"{' and '.join(stuck)} were all skipped (non-finite gradients); non-finite loss rows during those "
+            f"updates: {_rows(nonfinite)}; {first_nonfinite_weight(t)}. Checkpoint {ck} holds the last good "
             "weights. Check the teacher, the learning rates, guidance and schedule values "
             "(or raise train.max_consecutive_skips)")
 

@@ -89,11 +89,12 @@ def test_run_that_cannot_train_stops_with_a_checkpoint(fault_base, tmp_path, mon
     monkeypatch.setattr(plain, "draw_phase", nan_draw)
     run = tmp_path / "run"
     code, msg = run_main(["--config", str(fault_base["cfg"]), "--run-dir", str(run), "--set",
-                          "train.total_steps=100", "train.max_consecutive_skips=4", "train.log_every=10",
+                          "train.total_steps=100", "train.max_consecutive_skips=4", "train.log_every=2",
                           "train.checkpoint_every=50"])
     assert code == 3, msg
     assert "stopped at step 4" in msg and "fake_score and generator" in msg and "non-finite" in msg, msg
-    assert "fake-score phase 64, generator phase 64" in msg       # 4 steps x 16 rows per phase
+    # 4 steps x 16 rows per phase, counted across the ticks at steps 2 and 4 (which zero the tick sums)
+    assert "fake-score phase 64, generator phase 64" in msg
     ck = run / "checkpoints" / "step-00000004"
     assert checkpoint_status(ck) is None
     teacher = load_file(str(fault_base["dir"] / "teacher.safetensors"))
