@@ -54,6 +54,10 @@ class RunGuard:
 
     # ---------------------------------------------------------------- signals
     def install_signals(self) -> None:
+        import threading
+        if threading.current_thread() is not threading.main_thread():   # only the main thread may
+            log.warning("training outside the main thread: SIGTERM/SIGINT will not write a checkpoint")
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
 
