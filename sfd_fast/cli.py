@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     else:
         module, _, name = target.partition(":")
         fn = getattr(importlib.import_module(module), name)
-    fn(argv[1:])
+    from .errors import user_error_boundary
+    with user_error_boundary():   # bad input: one paragraph on stderr, exit status 2 (errors.py)
+        fn(argv[1:])
     return 0  # a command's return value is not an exit status (sys.exit(path) would exit 1)
 
 

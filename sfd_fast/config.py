@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration: the message names the key and the file and says what to do."""
 
 
@@ -97,6 +98,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     sample_every: int = 500
     progress: bool = True             # tqdm bar (only on a terminal)
+    keep_checkpoints: int = 0         # > 0: keep only the newest N checkpoints (0 = keep all)
+    max_consecutive_skips: int = 50   # stop (checkpoint, exit 3) after this many skipped updates in a row
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -267,11 +270,15 @@ def read_json_file(path: str | Path, what: str, hint: str) -> dict:
     """A JSON object from `path`, or a ConfigError naming `what`, the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist; {hint}")
+        raise ConfigError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; {hint}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -295,6 +302,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
     s, t, sch = cfg.sfd, cfg.train, cfg.schedule
+    from .domains import validate_numbers
+    validate_numbers(cfg, bad)   # every float finite; numeric domains (eps, betas, EMA, pretrain, ...)
     from .families import FAMILIES
     if cfg.model.kind not in FAMILIES:
         bad("model.kind", f"must be one of {', '.join(map(repr, FAMILIES))}, got {cfg.model.kind!r}")

@@ -32,4 +32,5 @@ def test_sample_on_a_family_without_a_sampler_says_so(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "digits"}}))
     with pytest.raises(SystemExit) as e:
         cli.main(["sample", "--run", str(tmp_path)])
-    assert "'digits' run" in str(e.value.code) and "stable_diffusion" in str(e.value.code)
+    assert e.value.code == 2   # a user error: status 2, the message on stderr and in the exception
+    assert "'digits' run" in str(e.value) and "stable_diffusion" in str(e.value)

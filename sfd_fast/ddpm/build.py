@@ -24,6 +24,7 @@ from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
 from ..conditions import ClassForgetTask
 from ..trainer import RunParts
+from ..checkpoint import check_finite
 from .checkpoints import atomic_torch_save, load_into, read_reference_list, starting_states
 from .model import DDPMArch, DDPMUNet, arch_of
 
@@ -75,6 +76,7 @@ def build_parts(cfg) -> RunParts:
     path = resolve_checkpoint(cfg)
     fake_state, gen_state, how = starting_states(read_reference_list(path), cfg.ddpm.init_from_ema, path)
     teacher_net = load_into(DDPMUNet(arch), fake_state, f"{path} (teacher / fake score)")
+    check_finite(teacher_net.state_dict(), f"ddpm.checkpoint {path} (teacher)")   # NaN: every update skipped
     fake_net = copy.deepcopy(teacher_net)
     gen_net = load_into(DDPMUNet(arch), gen_state, f"{path} (generator)")
     for net in (fake_net, gen_net):

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write_text, publish_checkpoint_dir, save_safetensors_atomic
+from ..checkpoint import (atomic_write_text, check_finite, crash_point, publish_checkpoint_dir,
+                          save_safetensors_atomic)
 from ..conditions import PhaseConditions
 from ..denoisers import FrozenView, frozen_parameters, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
@@ -252,6 +253,7 @@ class DeepSpeedBackend:
         barrier()
         self.engine_G.save_checkpoint(str(tmp / "ds_generator"), tag="state", save_latest=False)
         self.engine_F.save_checkpoint(str(tmp / "ds_fake_score"), tag="state", save_latest=False)
+        crash_point("ds_after_engine_save", t.step)   # fault-injection hook (tests); a no-op otherwise
         weights = {"generator": self._full_fp32(t.generator.net), "fake_score": self._full_fp32(t.fake_score.net)}
         if t.ema_enabled:
             weights["generator_ema"] = {k: v.detach().float() for k, v in t.generator_ema.net.state_dict().items()}
@@ -284,6 +286,10 @@ class DeepSpeedBackend:
         if state["world_size"] != self.world or state["zero_stage"] != self.zero_stage:
             raise RuntimeError(f"{ckpt} was written with world size {state['world_size']} and ZeRO-"
                                f"{state['zero_stage']}; resume with the same (now {self.world}, ZeRO-{self.zero_stage})")
+        for role in ("generator", "fake_score", "generator_ema"):   # the exports mirror the engines' weights
+            f = ckpt / f"{role}.safetensors"
+            if f.is_file():
+                check_finite(load_file(str(f)), f"checkpoint {f}")
         self.engine_G.load_checkpoint(str(ckpt / "ds_generator"), tag="state")
         self.engine_F.load_checkpoint(str(ckpt / "ds_fake_score"), tag="state")
         if t.ema_enabled:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import generator_weights_file
+from ..checkpoint import check_finite, generator_weights_file
 from ..config import Config
 from ..generator import OneStepGenerator
 from ..trainer import RunParts
@@ -114,6 +114,7 @@ def make_generator_net(teacher_unet: torch.nn.Module, init: str, trust_pickle: b
     net = copy.deepcopy(teacher_unet)
     state = generator_init_state(init, trust_pickle)
     if state is not None:
+        check_finite(state, f"model.generator_init {init}")
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -173,6 +174,7 @@ def build_parts(cfg: Config) -> RunParts:
                          f"{comps.schedule.num_timesteps} timesteps")
 
     teacher_unet = comps.unet  # frozen by load_stable_diffusion
+    check_finite(teacher_unet.state_dict(), f"model.pretrained {comps.source} (unet)")  # NaN: every update skipped
     fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True)
     gen_unet = make_generator_net(teacher_unet, m.generator_init, m.trust_pickle)
     teacher = sd_denoiser(teacher_unet, comps.schedule)
