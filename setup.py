@@ -15,7 +15,8 @@ setup(
     extras_require={
         "gpu": ["triton", "xformers", "bitsandbytes", "nvidia-ml-py"],
         "dist": ["deepspeed==0.19.8"],
-        "test": ["pytest", "pytest-benchmark", "triton", "deepspeed==0.19.8", "bitsandbytes==0.50.2"],
+        "report": ["matplotlib>=3.5"],
+        "test": ["matplotlib>=3.5", "pytest", "pytest-benchmark", "triton", "deepspeed==0.19.8", "bitsandbytes==0.50.2"],
     },
     entry_points={"console_scripts": ["sfd-fast=sfd_fast.cli:main"]},
 )

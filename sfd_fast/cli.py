@@ -3,6 +3,7 @@
     sfd-fast train  --config FILE [--set k=v ...] [--run-dir DIR] [--resume DIR] [--dry-run]
     sfd-fast sample --run RUN_DIR --prompt "..." [--n 8] [--out grid.png] [--steps 1|2|4]
     sfd-fast export --run RUN_DIR --out DIR [--force] [--raw] [--dtype fp32|fp16|bf16]
+    sfd-fast report RUN_DIR [--out FILE]
 
 `sfd-fast COMMAND --help` describes each. Also runnable as `python -m sfd_fast.cli COMMAND ...`.
 """
@@ -17,6 +18,7 @@ COMMANDS = {
     "train": ("sfd_fast.train:main", "train an SFD run (a JSON config) or resume one"),
     "sample": ("sfd_fast.sd.cli:sample_main", "sample grids (and image folders) from a Stable Diffusion run"),
     "export": ("sfd_fast.sd.cli:export_main", "export a Stable Diffusion run as a diffusers pipeline folder"),
+    "report": ("sfd_fast.evaluation.report:main", "write a self-contained HTML report of a run (plots, grids, eval)"),
 }
 
 

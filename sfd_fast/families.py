@@ -17,12 +17,17 @@ class Family:
     build: str                      # build(cfg) -> trainer.RunParts
     checks: str                     # validate(cfg, bad): value checks before anything is built
     evaluate: Optional[str] = None  # evaluate_run(cfg, parts, trainer, run_dir) -> dict (rank 0)
+    # make_evaluate_during(cfg, parts, device) -> callable(generator) -> {metric: float}, called by the
+    # trainer every eval.every steps on a fixed small sample set (written to stats.jsonl)
+    evaluate_during: Optional[str] = None
 
 
 FAMILIES: dict[str, Family] = {
     "digits": Family(build="sfd_fast.digits.build:build_parts", checks="sfd_fast.digits.checks:validate",
-                     evaluate="sfd_fast.digits.evaluate:evaluate_run"),
-    "stable_diffusion": Family(build="sfd_fast.sd.build:build_parts", checks="sfd_fast.sd.checks:validate"),
+                     evaluate="sfd_fast.digits.evaluate:evaluate_run",
+                     evaluate_during="sfd_fast.digits.evaluate:make_evaluate_during"),
+    "stable_diffusion": Family(build="sfd_fast.sd.build:build_parts", checks="sfd_fast.sd.checks:validate",
+                               evaluate="sfd_fast.sd.evaluate:evaluate_run"),
 }
 
 
