@@ -15,7 +15,7 @@ from ..evaluation.grid import save_image_grid
 from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
 from ..trainer import RunParts
-from .checks import forget_targets
+from ..conditions import forget_targets
 from .model import DigitsEpsMLP
 from .pretrain import get_digits_teacher
 

@@ -125,7 +125,7 @@ def evaluate_digits(classifier, final_gen, init_gen, teacher: Denoiser, forget_c
 def make_evaluate_during(cfg, parts, device):
     """The digits evaluation during training (eval.every): UA per forgotten digit, retained accuracy
     and FD on `eval.during_samples_per_class` fixed-seed samples per class; -> callable(generator)."""
-    from .checks import forget_targets
+    from ..conditions import forget_targets
     from .pretrain import get_digits_classifier
 
     classifier = get_digits_classifier(cfg)[0].to(device)
@@ -151,7 +151,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
     init_net = load_generator_init(cfg, parts.teacher.net).to(device)
     init_gen = OneStepGenerator(ClassCondDenoiser(init_net, make_schedule(cfg).to(device), cfg.sfd.num_classes),
                                 cfg.sfd.t_init)
-    from .checks import forget_targets
+    from ..conditions import forget_targets
     metrics = evaluate_digits(clf, trainer.generator_ema, init_gen, trainer.teacher, forget_targets(cfg.sfd)[0],
                               cfg.sfd.num_classes, cfg.eval.samples_per_class, cfg.eval.teacher_steps)
     metrics["classifier_accuracy"] = clf_meta["heldout_accuracy"]
