@@ -213,7 +213,7 @@ class SFDTrainer:
         cfg = self.cfg.train
         total = total_steps or cfg.total_steps
         records = []
-        eval_every = getattr(self.cfg.eval, "every", 0) if self.cfg.eval.enabled else 0
+        eval_every = self.cfg.eval.every if self.cfg.eval.enabled else 0
         if self.step == 0:
             self.save_grid("step-00000000.png")
             if eval_every:
