@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and the file and says what to do."""
 
@@ -37,7 +38,7 @@ class ScheduleConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"              # a family of families.py: digits | stable_diffusion
+    kind: str = "digits"              # a family of families.py: digits | stable_diffusion | ddpm
     teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
     generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
     hidden: int = 384                 # digits MLP width
@@ -162,6 +163,36 @@ class EvalConfig:
 
 
 @dataclass
+class DDPMNetConfig:
+    """The reference class-conditional DDPM network (a reference YAML's `model:` section + image size);
+    ddpm/model.py's DDPMArch adds the class count to it."""
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+
+
+@dataclass
+class DDPMConfig(DDPMNetConfig):
+    """The `ddpm` section: the network (DDPMNetConfig's keys) and where its weights come from (spec §4.1).
+
+    checkpoint: a reference `ckpt.pth` (4-entry base DDPM list, or a 6-entry SFD/SiD list for the
+    two-stage start), or "random:DIR" for random weights written once to DIR (CPU smoke runs).
+    init_from_ema: the reference's distill.init_from_ema (take the EMA entry as the start).
+    train_mode_dropout: dropout active in the fake score's and the generator's own updates, as the
+    reference's train-mode networks (see sfd_fast/ddpm/model.py); false = dropout never used."""
+    checkpoint: str = ""
+    init_from_ema: bool = True
+    train_mode_dropout: bool = True
+    grid_per_class: int = 8           # snapshot grid: images per class row
+    classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +204,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -347,3 +379,15 @@ def validate_engine(cfg: Config, bad) -> None:
         bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
     if not 0 <= e.zero_stage <= 3:
         bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
+
+
+def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:
+    """A finished run's config.json (keys and types checked; files it names are not re-validated),
+    optionally required to be a `kind` run. ConfigError names the file and what is wrong."""
+    f = Path(run_dir) / "config.json"
+    if not f.is_file():
+        raise ConfigError(f"{run_dir} has no config.json; is it a sfd-fast run directory?")
+    cfg = _build(Config, read_json_file(f, "run config", "it is written by sfd_fast/train.py"), "", str(f))
+    if kind is not None and cfg.model.kind != kind:
+        raise ConfigError(f"{run_dir} is a {cfg.model.kind!r} run; this command is for {kind!r} runs")
+    return cfg

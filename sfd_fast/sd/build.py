@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import pickle
@@ -206,18 +205,12 @@ def build_parts(cfg: Config) -> RunParts:
 # ---------------------------------------------------------------------------------------------------
 
 def run_config(run_dir: Path):
-    """The run's resolved config.json (types checked; prompt files are not re-validated here)."""
-    from ..config import ConfigError, _build
-    f = Path(run_dir) / "config.json"
-    if not f.is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json; is it a sfd-fast run directory?")
+    """The stable_diffusion run's config.json, or a one-line error."""
+    from ..config import ConfigError, read_run_config
     try:
-        cfg = _build(Config, json.loads(f.read_text()), "", str(f))
+        return read_run_config(run_dir, "stable_diffusion")
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if cfg.model.kind != "stable_diffusion":
-        raise SystemExit(f"error: {run_dir} is a {cfg.model.kind!r} run; sample/export are for stable_diffusion runs")
-    return cfg
 
 
 def generator_weights(run_dir: Path, checkpoint: str | None = None, raw: bool = False) -> tuple[dict, str]:
