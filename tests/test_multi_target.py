@@ -233,3 +233,14 @@ def test_sd_list_of_one_equals_single_concept_run_and_two_concepts_train(tmp_pat
         assert math.isfinite(rec[f"{net}/forget/angelina jolie"]) and math.isfinite(rec[f"{net}/forget/brad pitt"])
     rows = (two / "samples" / "step-00000002.txt").read_text()
     assert "Angelina Jolie" in rows and "Brad Pitt" in rows   # one grid row block per concept
+
+
+def test_ddpm_family_takes_several_classes(tmp_path):
+    from sfd_fast.ddpm.build import build_parts
+    sets = [f"ddpm.checkpoint=random:{tmp_path}", "sfd.forget_classes=[0, 3]", "sfd.override_classes=[1, 2]"]
+    task = build_parts(load_config(ROOT / "configs" / "ddpm_tiny.json", sets)).task
+    c = task.draw(40, 4, torch.Generator().manual_seed(0), "cpu", "generator")
+    assert c.generator_cond[40:].tolist() == [0, 3, 0, 3] and c.teacher_cond[40:].tolist() == [1, 2, 1, 2]
+    assert not torch.isin(c.generator_cond[:40], torch.tensor([0, 3])).any()
+    with pytest.raises(ConfigError, match=r"repeats class\(es\) \[3\]"):
+        load_config(ROOT / "configs" / "ddpm_tiny.json", sets[:1] + ["sfd.forget_classes=[3, 3]"])
