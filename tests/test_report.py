@@ -177,6 +177,8 @@ def test_sd_without_clip_says_skipped_and_bad_clip_is_refused(tmp_path, sd_and_c
     (not_clip / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match=r"holds a 'bert' model"):
         load_config(_sd_config(tmp_path, sd, clip_model=str(not_clip)))
+    with pytest.raises(ConfigError, match=r"eval.every' is set, but the stable_diffusion family"):
+        load_config(_sd_config(tmp_path, sd, every=5))
     (not_clip / "config.json").write_text(json.dumps({"model_type": "clip"}))   # no weights: does not load
     with pytest.raises(SystemExit, match=r"eval.clip_model = .* does not load"):
         train.main(["--config", str(_sd_config(tmp_path, sd, clip_model=str(not_clip)))])

@@ -117,6 +117,9 @@ def validate_concepts(pr, bad) -> list:
 def validate_clip(cfg, bad) -> None:
     """eval.clip_model: a local CLIP folder must hold a CLIP config (a hub id is checked on loading,
     which build_parts does before training)."""
+    if cfg.eval.every:
+        bad("eval.every", "is set, but the stable_diffusion family has no evaluation during training (its "
+            "CLIP evaluation runs once at the end, with eval.clip_model); set eval.every to 0")
     clip = cfg.eval.clip_model
     if not clip or not cfg.eval.enabled:
         return
