@@ -11,7 +11,7 @@ setup(
               "sfd_fast.evaluation", "sfd_fast.kernels"],
     package_dir={"sfd_fast": "sfd_fast", "sfd_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "diffusers>=0.30", "transformers>=4.40", "safetensors>=0.4", "numpy",
-                      "scipy", "scikit-learn", "tqdm", "pillow", "pyyaml"],
+                      "scipy", "scikit-learn", "tqdm", "pillow", "pyyaml", "matplotlib>=3.5"],
     extras_require={
         "gpu": ["triton", "xformers", "bitsandbytes", "nvidia-ml-py"],
         "dist": ["deepspeed==0.19.8"],

@@ -58,6 +58,8 @@ class SFDConfig:
     forget_class: int = 0
     override: str = "fixed"           # fixed | random (a uniform class other than forget_class)
     override_class: int = 1
+    forget_classes: list = field(default_factory=list)    # several targets: [0, 7]; [] = [forget_class]
+    override_classes: list = field(default_factory=list)  # one per forget class (override "fixed")
     sg_remain_coef: float = 1.0
     sg_forget_coef: float = 1.0
     g_remain_coef: float = 1.0
@@ -135,6 +137,9 @@ class PromptsConfig:
     resolution: int = 512
     grid_prompts: list = field(default_factory=list)  # snapshot-grid prompts; [] = first 8 forget + val
     grid_per_prompt: int = 2          # images per grid row (one row per grid prompt)
+    # several concepts in one run: a list of {concept_to_forget, concept_to_override, forget_file,
+    # override_file?, val_file?, weight?}; [] = the single concept of the keys above
+    concepts: list = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +157,12 @@ class EvalConfig:
     enabled: bool = True
     samples_per_class: int = 200
     teacher_steps: int = 50
+    every: int = 0                    # > 0: evaluate on a fixed small sample set every N steps (stats.jsonl)
+    during_samples_per_class: int = 50   # digits: samples per class of that evaluation
+    clip_model: str = ""              # stable_diffusion: CLIP folder or hub id for eval.json ("" = skipped)
+    clip_prompts: int = 8             # stable_diffusion: prompts per forget concept / validation set
+    clip_images_per_prompt: int = 2   # stable_diffusion: fixed-seed one-step samples per prompt
+    report: bool = True               # write report.html at the end of the run
 
 
 @dataclass
@@ -353,8 +364,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     validate_engine(cfg, bad)
     from .families import family_checks
     family_checks(cfg.model.kind)(cfg, bad)   # the family's own checks (digits/checks.py, sd/checks.py)
-    if cfg.eval.samples_per_class <= 0:
-        bad("eval.samples_per_class", "must be positive")
+    ev = cfg.eval
+    for k in ("samples_per_class", "during_samples_per_class", "clip_prompts", "clip_images_per_prompt"):
+        if getattr(ev, k) <= 0:
+            bad(f"eval.{k}", "must be positive")
+    if ev.every < 0:
+        bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
 
 
 def validate_engine(cfg: Config, bad) -> None:

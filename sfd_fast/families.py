@@ -19,12 +19,17 @@ class Family:
     evaluate: Optional[str] = None  # evaluate_run(cfg, parts, trainer, run_dir) -> dict (rank 0)
     sample: Optional[str] = None    # `sfd-fast sample --run D ...` for this family's runs: main(argv)
     export: Optional[str] = None    # `sfd-fast export --run D ...`: main(argv)
+    # make_evaluate_during(cfg, parts, device) -> callable(generator) -> {metric: float}, called by the
+    # trainer every eval.every steps on a fixed small sample set (written to stats.jsonl)
+    evaluate_during: Optional[str] = None
 
 
 FAMILIES: dict[str, Family] = {
     "digits": Family(build="sfd_fast.digits.build:build_parts", checks="sfd_fast.digits.checks:validate",
-                     evaluate="sfd_fast.digits.evaluate:evaluate_run"),
+                     evaluate="sfd_fast.digits.evaluate:evaluate_run",
+                     evaluate_during="sfd_fast.digits.evaluate:make_evaluate_during"),
     "stable_diffusion": Family(build="sfd_fast.sd.build:build_parts", checks="sfd_fast.sd.checks:validate",
+                               evaluate="sfd_fast.sd.evaluate:evaluate_run",
                                sample="sfd_fast.sd.cli:sample_main", export="sfd_fast.sd.cli:export_main"),
     "ddpm": Family(build="sfd_fast.ddpm.build:build_parts", checks="sfd_fast.ddpm.checks:validate",
                    evaluate="sfd_fast.ddpm.evaluate:evaluate_run",

@@ -96,7 +96,7 @@ class RunGuard:
         self.prev.copy_(t.skipped)
         if (t.step - 1) % t.cfg.train.log_every == 0:   # the previous step ended with a tick: stats were zeroed
             self.last_rows.zero_()
-        rows = t.stats[:, STAT_NONFINITE]
+        rows = t.stats[..., STAT_NONFINITE].reshape(2, -1).sum(1)   # per network, over row groups
         self.rows_in_run = torch.where(did_skip, self.rows_in_run + rows - self.last_rows,
                                        torch.zeros_like(self.rows_in_run))
         self.last_rows.copy_(rows)

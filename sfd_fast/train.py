@@ -143,6 +143,10 @@ def _main(argv=None) -> dict:
     parts = build_parts(cfg)
     if distributed and rank0:
         barrier()
+    fam = family(cfg.model.kind)
+    if fam.evaluate_during and cfg.eval.enabled and cfg.eval.every > 0 and not args.dry_run:
+        # every rank takes part in the collective sampling_generator(); only rank 0 evaluates
+        parts.evaluate_during = resolve(fam.evaluate_during)(cfg, parts, device) if rank0 else (lambda gen: {})
     if args.dry_run:
         return dry_run(cfg, parts, device)
     world = torch.distributed.get_world_size() if distributed else 1
@@ -213,9 +217,12 @@ def train_run(args, cfg, parts, run_dir: Path, device, rank0: bool, changes) -> 
     finally:
         trainer.guard.restore_signals()
     result = {"run_dir": str(run_dir)}
-    evaluate = family(cfg.model.kind).evaluate
-    if evaluate and cfg.eval.enabled and rank0:
-        result.update(resolve(evaluate)(cfg, parts, trainer, run_dir))
+    if fam.evaluate and cfg.eval.enabled and rank0:
+        result.update(resolve(fam.evaluate)(cfg, parts, trainer, run_dir))
+    if cfg.eval.report and rank0:
+        from sfd_fast.evaluation.report import write_report
+        result["report"] = str(write_report(run_dir))
+        log.info("report: %s", result["report"])
     return result
 
 

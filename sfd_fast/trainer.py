@@ -37,8 +37,7 @@ from .engine import accelerate, autocast_context, make_backend, select_generator
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
 from .guard import RunGuard
-from .step import (NUM_STATS, STAT_FORGET_N, STAT_FORGET_SUM, STAT_NONFINITE, STAT_REMAIN_N,
-                   STAT_REMAIN_SUM, fake_score_phase, generator_phase)
+from .step import NUM_STATS, fake_score_phase, generator_phase, tick_losses
 
 log = logging.getLogger("sfd_fast")
 
@@ -53,6 +52,7 @@ class RunParts:
     sample_shape: tuple
     save_grid: Optional[Callable] = None     # save_grid(generator_module, path)
     extra_state: dict = field(default_factory=dict)
+    evaluate_during: Optional[Callable] = None   # evaluate_during(generator_module) -> {name: float}
 
 
 class SFDTrainer:
@@ -76,7 +76,9 @@ class SFDTrainer:
         self.step = 0
         self.nimg = 0
         self.skipped = torch.zeros(2, device=device)      # (fake_score, generator) skipped updates
-        self.stats = torch.zeros(2, NUM_STATS, device=device)
+        # forget targets (several classes / concepts in one run): per-target loss statistics
+        self.target_names = list(getattr(parts.task, "target_names", None) or ["forget"])
+        self.stats = torch.zeros(2, len(self.target_names) + 1, NUM_STATS, device=device)
         self.autocast = lambda: autocast_context(cfg.engine.precision, device)
         # 4. acceleration in its fixed order (attention, checkpointing, compile) and the SFD loss
         #    implementation (reference torch or the fused kernel): engine/accelerate.py decides
@@ -94,7 +96,7 @@ class SFDTrainer:
             draws = b.draw("fake_score", s.sg_remain_coef, s.sg_forget_coef)
             with self.autocast():
                 loss, stats = fake_score_phase(b.phase_generator, b.phase_fake_score, self.schedule, draws,
-                                               s.cfg_train_fake, b.denom)
+                                               s.cfg_train_fake, b.denom, len(self.target_names))
             b.backward("fake_score", loss)
             self.stats[0] += stats
         b.update("fake_score")
@@ -107,7 +109,8 @@ class SFDTrainer:
                 with self.autocast():
                     loss, stats = generator_phase(b.phase_generator, b.fake_score_view, self.teacher,
                                                   self.schedule, draws, s.alpha, s.cfg_eval_fake,
-                                                  s.cfg_eval_real, b.denom, self.loss_fn)
+                                                  s.cfg_eval_real, b.denom, self.loss_fn,
+                                                  len(self.target_names))
                 b.backward("generator", loss)
                 self.stats[1] += stats
         b.update("generator")
@@ -164,17 +167,11 @@ class SFDTrainer:
         skipped = self.skipped.tolist()
         dt = max(time.time() - t0, 1e-9)
         batch = self.cfg.train.batch_size
-        def mean(row, s_idx, n_idx):
-            return st[row][s_idx] / st[row][n_idx] if st[row][n_idx] else float("nan")
         rec = {
             "step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
             "samples_per_s": steps_in_tick * 2 * batch / dt,   # remain + forget rows per step
             "sec_per_kimg": dt / max(steps_in_tick * batch / 1000, 1e-9),
-            "fake_score_loss/remain": mean(0, STAT_REMAIN_SUM, STAT_REMAIN_N),
-            "fake_score_loss/forget": mean(0, STAT_FORGET_SUM, STAT_FORGET_N),
-            "generator_loss/remain": mean(1, STAT_REMAIN_SUM, STAT_REMAIN_N),
-            "generator_loss/forget": mean(1, STAT_FORGET_SUM, STAT_FORGET_N),
-            "nonfinite_rows": st[0][STAT_NONFINITE] + st[1][STAT_NONFINITE],
+            **tick_losses(st, self.target_names),    # {net}_loss/remain, /forget[, /forget/<target>]
             "skipped_updates/fake_score": skipped[0], "skipped_updates/generator": skipped[1],
             **peak_memory(self.device),     # peaks since the last tick (reset below on CUDA)
             **gpu_telemetry(self.device),   # {} without a GPU
@@ -203,12 +200,31 @@ class SFDTrainer:
         if self.backend.is_rank0:
             self.parts.save_grid(gen, self.run_dir / "samples" / name)
 
+    def evaluate_during(self) -> dict:
+        """The family's evaluation on its fixed sample set (parts.evaluate_during), as a stats.jsonl
+        record {"step", "time", "eval/<metric>": value}; collective under DeepSpeed, rank 0 writes."""
+        if self.parts.evaluate_during is None or self.run_dir is None:
+            return {}
+        gen = self.backend.sampling_generator()
+        if not self.backend.is_rank0:
+            return {}
+        metrics = self.parts.evaluate_during(gen)
+        rec = {"step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
+               **{f"eval/{k}": v for k, v in metrics.items()}}
+        with open(self.run_dir / "stats.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return rec
+
     def train(self, total_steps: int | None = None) -> list[dict]:
         cfg = self.cfg.train
         total = total_steps or cfg.total_steps
         records = []
+        eval_every = self.cfg.eval.every if self.cfg.eval.enabled else 0
         if self.step == 0:
             self.save_grid("step-00000000.png")
+            if eval_every:
+                self.evaluate_during()
         show_bar = cfg.progress and sys.stderr.isatty() and self.backend.is_rank0
         bar = tqdm(total=total, initial=self.step, desc="SFD", unit="step", dynamic_ncols=True) if show_bar else None
         reset_peak_memory(self.device)
@@ -224,6 +240,8 @@ class SFDTrainer:
                 t0, tick_start = time.time(), self.step
             if self.step % cfg.sample_every == 0 or self.step == total:
                 self.save_grid(f"step-{self.step:08d}.png")
+            if eval_every and (self.step % eval_every == 0 or self.step == total):
+                self.evaluate_during()
             saved = self.step % cfg.checkpoint_every == 0 or self.step == total
             if saved:
                 self.save()

@@ -233,7 +233,7 @@ def test_v_prediction_trains(tmp_path, sd_dirs):
     for _ in range(2):
         tr.train_step()
     assert torch.isfinite(tr.stats).all() and tr.skipped.tolist() == [0.0, 0.0]
-    assert tr.stats[0, 1] > 0 and tr.stats[1, 3] > 0  # remain and forget rows counted
+    assert tr.stats[0, 0, 1] > 0 and tr.stats[1, 1, 1] > 0  # remain and forget rows counted (STAT_N)
     assert any(not torch.equal(v, before[k]) for k, v in tr.generator.net.state_dict().items())
 
 

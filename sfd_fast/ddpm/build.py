@@ -22,7 +22,7 @@ from ..denoisers import ClassCondDenoiser
 from ..evaluation.grid import save_image_grid
 from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
-from ..conditions import ClassForgetTask
+from ..conditions import ClassForgetTask, forget_targets
 from ..trainer import RunParts
 from ..checkpoint import check_finite
 from .checkpoints import atomic_torch_save, load_into, read_reference_list, starting_states
@@ -86,8 +86,9 @@ def build_parts(cfg) -> RunParts:
     teacher = ClassCondDenoiser(teacher_net, make_schedule(cfg), n)
     fake_score = ClassCondDenoiser(fake_net, make_schedule(cfg), n)
     generator = OneStepGenerator(ClassCondDenoiser(gen_net, make_schedule(cfg), n), s.t_init)
-    task = (AllClassesTask(n) if s.forget_class < 0
-            else ClassForgetTask(n, s.forget_class, s.override, s.override_class))
+    forget, overrides = forget_targets(s)   # sfd.forget_classes, or forget_class as a list of one
+    task = (AllClassesTask(n) if forget == [-1]
+            else ClassForgetTask(n, forget, s.override, overrides or s.override_class))
     shape = (cfg.ddpm.in_channels, cfg.ddpm.image_size, cfg.ddpm.image_size)
     per_class = cfg.ddpm.grid_per_class
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..conditions import validate_class_targets
+
 
 def validate(cfg, bad) -> None:
     """Stop before anything is built: classes, architecture and checkpoint path."""
@@ -10,7 +12,9 @@ def validate(cfg, bad) -> None:
     n = s.num_classes
     if n < 2:
         bad("sfd.num_classes", f"must be >= 2 (the network's classes), got {n}")
-    if s.forget_class == -1:  # stage-1 SiD of the two-stage setting: distil all classes, forget none
+    if s.forget_classes:  # several forgotten classes (issue #13): the shared class-target checks
+        validate_class_targets(s, bad)
+    elif s.forget_class == -1:  # stage-1 SiD of the two-stage setting: distil all classes, forget none
         if s.sg_forget_coef or s.g_forget_coef:
             bad("sfd.forget_class", "is -1 (no class forgotten: stage-1 SiD) but sfd.sg_forget_coef / "
                 "g_forget_coef are not 0; set both to 0, or name a class to forget")
@@ -19,7 +23,7 @@ def validate(cfg, bad) -> None:
             f"without forgetting), got {s.forget_class}")
     if s.override not in ("fixed", "random"):
         bad("sfd.override", f"must be 'fixed' or 'random', got {s.override!r}")
-    if s.override == "fixed" and s.forget_class != -1:
+    if s.override == "fixed" and s.forget_class != -1 and not s.forget_classes:
         if not 0 <= s.override_class < n:
             bad("sfd.override_class", f"must be one of the model's classes [0, {n}), got {s.override_class}")
         if s.override_class == s.forget_class:

@@ -15,6 +15,7 @@ from ..evaluation.grid import save_image_grid
 from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
 from ..trainer import RunParts
+from ..conditions import forget_targets
 from .model import DigitsEpsMLP
 from .pretrain import get_digits_teacher
 
@@ -58,7 +59,8 @@ def build_parts(cfg: Config) -> RunParts:
     fake_score = ClassCondDenoiser(copy.deepcopy(teacher_net), make_schedule(cfg), s.num_classes)
     gen_net = load_generator_init(cfg, teacher_net)
     generator = OneStepGenerator(ClassCondDenoiser(gen_net, make_schedule(cfg), s.num_classes), s.t_init)
-    task = ClassForgetTask(s.num_classes, s.forget_class, s.override, s.override_class)
+    forget, overrides = forget_targets(s)
+    task = ClassForgetTask(s.num_classes, forget, s.override, overrides or s.override_class)
 
     def save_grid(gen: OneStepGenerator, path: Path, per_row: int = 12):
         device = next(gen.parameters()).device

@@ -78,7 +78,7 @@ def _slice_draws(d: PhaseDraws, idx: torch.Tensor) -> PhaseDraws:
     c = d.cond
     pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
     cond = PhaseConditions(pick(c.generator_cond), pick(c.fake_cond), pick(c.teacher_cond),
-                           pick(c.fake_uncond), pick(c.teacher_uncond), pick(c.is_forget))
+                           pick(c.fake_uncond), pick(c.teacher_uncond), pick(c.is_forget), pick(c.target))
     return PhaseDraws(pick(d.z), pick(d.noise), pick(d.t), cond, pick(d.coef))
 
 

@@ -30,7 +30,7 @@ from ..config import Config
 from ..generator import OneStepGenerator
 from ..trainer import RunParts
 from .loading import SDComponents, load_stable_diffusion, sd_denoiser
-from .prompts import ForgetPromptSet, RemainPromptSet
+from .prompts import ForgetPromptSet, RemainPromptSet, forget_sets_from_config, multi_grid_prompts
 from .sampling import make_save_grid
 from .text import TextEncoderCache, TextForgetTask
 
@@ -138,17 +138,22 @@ def sample_shape(comps: SDComponents, resolution: int) -> tuple:
 
 
 def make_task(cfg: Config, cache: TextEncoderCache, use_cache: bool = True,
-              forget: ForgetPromptSet | None = None) -> TextForgetTask:
+              forget: ForgetPromptSet | list | None = None) -> TextForgetTask:
+    """The TextForgetTask of every concept of the config (prompts.concepts, or the single concept)."""
     pr, s = cfg.prompts, cfg.sfd
     remain = RemainPromptSet.from_path(pr.remain_file)
-    forget = forget or ForgetPromptSet.from_config(pr)
-    return TextForgetTask(cache, remain, forget, pr.use_neg, pr.sid_w_neg, pr.sg_w_override,
+    sets, names, weights = forget_sets_from_config(pr)
+    if forget is not None:
+        sets = list(forget) if isinstance(forget, (list, tuple)) else [forget]
+    return TextForgetTask(cache, remain, sets, pr.use_neg, pr.sid_w_neg, pr.sg_w_override,
                           pr.context_dropout, (s.cfg_train_fake, s.cfg_eval_fake, s.cfg_eval_real),
-                          use_cache=use_cache, seed=cfg.run.seed)
+                          use_cache=use_cache, seed=cfg.run.seed, target_names=names, weights=weights)
 
 
-def grid_prompts(cfg: Config, forget: ForgetPromptSet) -> list[str]:
-    return list(cfg.prompts.grid_prompts) or forget.grid_prompts()
+def grid_prompts(cfg: Config, forget) -> list[str]:
+    """prompts.grid_prompts, else one row block per concept (its forget prompts), then validation."""
+    sets = list(forget) if isinstance(forget, (list, tuple)) else [forget]
+    return list(cfg.prompts.grid_prompts) or multi_grid_prompts(sets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,8 +170,10 @@ def build_parts(cfg: Config) -> RunParts:
     # cheap input checks before loading any weights (config.validate ran them for load_config users)
     if m.generator_init.lower().endswith((".pkl", ".pickle")) and not m.trust_pickle:
         generator_init_state(m.generator_init, trust_pickle=False)  # raises the explanatory error
-    task_prompts = ForgetPromptSet.from_config(pr)
+    task_prompts = forget_sets_from_config(pr)[0]   # one ForgetPromptSet per concept
 
+    from .evaluate import load_scorer
+    clip_scorer = load_scorer(cfg, device)   # a CLIP model that does not load stops the run here
     comps = load_sd_components(cfg, device)
     shape = sample_shape(comps, pr.resolution)
     if not 0 <= s.t_init < comps.schedule.num_timesteps or s.t_max > comps.schedule.num_timesteps:
@@ -184,14 +191,15 @@ def build_parts(cfg: Config) -> RunParts:
     cache = TextEncoderCache(comps.text_encoder, comps.tokenizer, device)
     grid = grid_prompts(cfg, task_prompts)
     # warn about truncated fixed prompts now, before training (remain captions: on first use)
-    cache.warn_if_truncated(task_prompts.all_prompts() + grid)
+    cache.warn_if_truncated([p for f in task_prompts for p in f.all_prompts()] + grid)
     task = make_task(cfg, cache, forget=task_prompts)
     cache.pin(grid)
     save_grid = make_save_grid(comps, cache, grid, pr.grid_per_prompt, shape)
-    log.info("stable diffusion: %s (%s), latents %s, %d remain / %d forget pairs, %d grid prompts",
-             comps.source, comps.prediction, shape, len(task.remain), len(task.forget), len(grid))
+    log.info("stable diffusion: %s (%s), latents %s, %d remain prompts, forget pairs %s, %d grid prompts",
+             comps.source, comps.prediction, shape, len(task.remain),
+             ", ".join(f"{n!r}: {len(f)}" for n, f in zip(task.target_names, task.forget_sets)), len(grid))
     return RunParts(task, teacher, fake_score, generator, shape, save_grid,
-                    {"components": comps, "text_cache": cache, "grid_prompts": grid})
+                    {"components": comps, "text_cache": cache, "grid_prompts": grid, "clip_scorer": clip_scorer})
 
 
 # ---------------------------------------------------------------------------------------------------
