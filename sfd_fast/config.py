@@ -361,6 +361,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.ema.decay", "must be in [0, 1) or null")
     if e.halflife_kimg < 0:
         bad("train.ema.halflife_kimg", "must be >= 0")
+    from .domains import validate_engine
     validate_engine(cfg, bad)
     from .families import family_checks
     family_checks(cfg.model.kind)(cfg, bad)   # the family's own checks (digits/checks.py, sd/checks.py)
@@ -370,24 +371,6 @@ def validate(cfg: Config, source: str = "config") -> None:
             bad(f"eval.{k}", "must be positive")
     if ev.every < 0:
         bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
-
-
-def validate_engine(cfg: Config, bad) -> None:
-    e = cfg.engine
-    if e.backend not in ("plain", "deepspeed"):
-        bad("engine.backend", f"must be 'plain' or 'deepspeed', got {e.backend!r}")
-    if e.precision not in ("fp32", "bf16"):
-        bad("engine.precision", f"must be 'fp32' or 'bf16', got {e.precision!r}")
-    if e.kernels not in ("auto", "torch", "triton"):
-        bad("engine.kernels", f"must be 'auto', 'torch' or 'triton', got {e.kernels!r}")
-    if e.attention not in ("sdpa", "xformers", "auto"):
-        bad("engine.attention", f"must be 'sdpa', 'xformers' or 'auto', got {e.attention!r}")
-    if e.optimizer not in ("adam", "adam8bit"):
-        bad("engine.optimizer", f"must be 'adam' or 'adam8bit', got {e.optimizer!r}")
-    if e.rng_mode not in ("global_slice", "per_rank"):
-        bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
-    if not 0 <= e.zero_stage <= 3:
-        bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
 
 
 def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:

@@ -63,3 +63,22 @@ def validate_numbers(cfg, bad) -> None:
         bad("pretrain.cond_drop_prob", f"must be in [0, 1), got {p.cond_drop_prob}")
     if cfg.eval.teacher_steps < 1:
         bad("eval.teacher_steps", f"must be >= 1, got {cfg.eval.teacher_steps}")
+
+
+def validate_engine(cfg, bad) -> None:
+    """The engine section's choices (one of the listed values each)."""
+    e = cfg.engine
+    if e.backend not in ("plain", "deepspeed"):
+        bad("engine.backend", f"must be 'plain' or 'deepspeed', got {e.backend!r}")
+    if e.precision not in ("fp32", "bf16"):
+        bad("engine.precision", f"must be 'fp32' or 'bf16', got {e.precision!r}")
+    if e.kernels not in ("auto", "torch", "triton"):
+        bad("engine.kernels", f"must be 'auto', 'torch' or 'triton', got {e.kernels!r}")
+    if e.attention not in ("sdpa", "xformers", "auto"):
+        bad("engine.attention", f"must be 'sdpa', 'xformers' or 'auto', got {e.attention!r}")
+    if e.optimizer not in ("adam", "adam8bit"):
+        bad("engine.optimizer", f"must be 'adam' or 'adam8bit', got {e.optimizer!r}")
+    if e.rng_mode not in ("global_slice", "per_rank"):
+        bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
+    if not 0 <= e.zero_stage <= 3:
+        bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")

@@ -125,6 +125,7 @@ def _main(argv=None) -> dict:
 
     from sfd_fast.engine import resolve_device
     from sfd_fast.engine.memory import check_memory
+    from sfd_fast.families import family, resolve
 
     # 1. device and ranks (DeepSpeed: process group first, gloo on CPU / nccl on CUDA; rank 0 writes)
     distributed = cfg.engine.backend == "deepspeed"
@@ -217,6 +218,7 @@ def train_run(args, cfg, parts, run_dir: Path, device, rank0: bool, changes) -> 
     finally:
         trainer.guard.restore_signals()
     result = {"run_dir": str(run_dir)}
+    fam = family(cfg.model.kind)
     if fam.evaluate and cfg.eval.enabled and rank0:
         result.update(resolve(fam.evaluate)(cfg, parts, trainer, run_dir))
     if cfg.eval.report and rank0:
