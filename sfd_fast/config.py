@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration: the message names the key and the file and says what to do."""
 
 
@@ -37,7 +39,7 @@ class ScheduleConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"              # a family of families.py: digits | stable_diffusion
+    kind: str = "digits"              # a family of families.py: digits | stable_diffusion | ddpm
     teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
     generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
     hidden: int = 384                 # digits MLP width
@@ -96,6 +98,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     sample_every: int = 500
     progress: bool = True             # tqdm bar (only on a terminal)
+    keep_checkpoints: int = 0         # > 0: keep only the newest N checkpoints (0 = keep all)
+    max_consecutive_skips: int = 50   # stop (checkpoint, exit 3) after this many skipped updates in a row
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -151,6 +155,36 @@ class EvalConfig:
 
 
 @dataclass
+class DDPMNetConfig:
+    """The reference class-conditional DDPM network (a reference YAML's `model:` section + image size);
+    ddpm/model.py's DDPMArch adds the class count to it."""
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+
+
+@dataclass
+class DDPMConfig(DDPMNetConfig):
+    """The `ddpm` section: the network (DDPMNetConfig's keys) and where its weights come from (spec §4.1).
+
+    checkpoint: a reference `ckpt.pth` (4-entry base DDPM list, or a 6-entry SFD/SiD list for the
+    two-stage start), or "random:DIR" for random weights written once to DIR (CPU smoke runs).
+    init_from_ema: the reference's distill.init_from_ema (take the EMA entry as the start).
+    train_mode_dropout: dropout active in the fake score's and the generator's own updates, as the
+    reference's train-mode networks (see sfd_fast/ddpm/model.py); false = dropout never used."""
+    checkpoint: str = ""
+    init_from_ema: bool = True
+    train_mode_dropout: bool = True
+    grid_per_class: int = 8           # snapshot grid: images per class row
+    classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +196,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -235,11 +270,15 @@ def read_json_file(path: str | Path, what: str, hint: str) -> dict:
     """A JSON object from `path`, or a ConfigError naming `what`, the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist; {hint}")
+        raise ConfigError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; {hint}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -263,6 +302,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
     s, t, sch = cfg.sfd, cfg.train, cfg.schedule
+    from .domains import validate_numbers
+    validate_numbers(cfg, bad)   # every float finite; numeric domains (eps, betas, EMA, pretrain, ...)
     from .families import FAMILIES
     if cfg.model.kind not in FAMILIES:
         bad("model.kind", f"must be one of {', '.join(map(repr, FAMILIES))}, got {cfg.model.kind!r}")
@@ -332,3 +373,15 @@ def validate_engine(cfg: Config, bad) -> None:
         bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
     if not 0 <= e.zero_stage <= 3:
         bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
+
+
+def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:
+    """A finished run's config.json (keys and types checked; files it names are not re-validated),
+    optionally required to be a `kind` run. ConfigError names the file and what is wrong."""
+    f = Path(run_dir) / "config.json"
+    if not f.is_file():
+        raise ConfigError(f"{run_dir} has no config.json; is it a sfd-fast run directory?")
+    cfg = _build(Config, read_json_file(f, "run config", "it is written by sfd_fast/train.py"), "", str(f))
+    if kind is not None and cfg.model.kind != kind:
+        raise ConfigError(f"{run_dir} is a {cfg.model.kind!r} run; this command is for {kind!r} runs")
+    return cfg

@@ -30,12 +30,13 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import prune_checkpoints
 from .config import Config
 from .denoisers import Denoiser
 from .engine import accelerate, autocast_context, make_backend, select_generator_loss
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
+from .guard import RunGuard
 from .step import (NUM_STATS, STAT_FORGET_N, STAT_FORGET_SUM, STAT_NONFINITE, STAT_REMAIN_N,
                    STAT_REMAIN_SUM, fake_score_phase, generator_phase)
 
@@ -83,6 +84,8 @@ class SFDTrainer:
         self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
         # 5. the backend: optimizers (plain) or two ZeRO engines (deepspeed)
         self.backend = make_backend(self)
+        # 6. stop cleanly on SIGTERM/SIGINT and when every update is skipped (guard.py)
+        self.guard = RunGuard(self)
 
     # ------------------------------------------------------------------ one step
     def fake_score_update(self):
@@ -136,13 +139,17 @@ class SFDTrainer:
     def save(self) -> Path:
         state = {"step": self.step, "nimg": self.nimg, "skipped": self.skipped.tolist(),
                  "data_position": {"rng_draws": "in rng.safetensors"}}
-        return self.backend.save(state)
+        path = self.backend.save(state)
+        if self.backend.is_rank0:
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        return path
 
     def resume(self, run_dir: Path):
-        ck = latest_checkpoint(run_dir)
-        state = self.backend.load(ck)
+        from .rundir import load_newest_usable   # the newest checkpoint that verifies and loads
+        state, ck = load_newest_usable(self.backend, run_dir)
         self.step, self.nimg = state["step"], state["nimg"]
         self.skipped.copy_(torch.tensor(state["skipped"], device=self.device))
+        self.guard.prev.copy_(self.skipped)
         if self.backend.is_rank0:
             log.info("resumed from %s at step %d (%s backend)", ck, self.step, self.backend.name)
 
@@ -208,6 +215,7 @@ class SFDTrainer:
         t0, tick_start = time.time(), self.step
         while self.step < total:
             self.train_step()
+            self.guard.after_step()
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == total:
@@ -216,8 +224,10 @@ class SFDTrainer:
                 t0, tick_start = time.time(), self.step
             if self.step % cfg.sample_every == 0 or self.step == total:
                 self.save_grid(f"step-{self.step:08d}.png")
-            if self.step % cfg.checkpoint_every == 0 or self.step == total:
+            saved = self.step % cfg.checkpoint_every == 0 or self.step == total
+            if saved:
                 self.save()
+            self.guard.check(saved, final=self.step == total)
         if bar is not None:
             bar.close()
         self.backend.finish()

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import generator_weights_file
+from ..checkpoint import check_finite, generator_weights_file
 from ..conditions import ClassForgetTask
 from ..config import Config
 from ..denoisers import ClassCondDenoiser
@@ -34,7 +34,13 @@ def load_generator_init(cfg: Config, teacher_net: DigitsEpsMLP) -> DigitsEpsMLP:
         path = Path(cfg.model.generator_init)
         if path.is_dir():  # a run directory or checkpoint folder: its EMA (else raw) generator
             path = generator_weights_file(path)
-        net.load_state_dict(load_file(str(path)))
+        try:
+            state = load_file(str(path))
+            net.load_state_dict(state)
+        except Exception as e:   # not safetensors / another architecture: name the key and the file
+            raise ValueError(f"model.generator_init {path}: cannot load as a digits generator with hidden="
+                             f"{cfg.model.hidden}, blocks={cfg.model.blocks} ({str(e).splitlines()[0][:300]})") from None
+        check_finite(state, f"model.generator_init {path}")
     return net
 
 

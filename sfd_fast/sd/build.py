@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import pickle
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import generator_weights_file
+from ..checkpoint import check_finite, generator_weights_file
 from ..config import Config
 from ..generator import OneStepGenerator
 from ..trainer import RunParts
@@ -115,6 +114,7 @@ def make_generator_net(teacher_unet: torch.nn.Module, init: str, trust_pickle: b
     net = copy.deepcopy(teacher_unet)
     state = generator_init_state(init, trust_pickle)
     if state is not None:
+        check_finite(state, f"model.generator_init {init}")
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -174,6 +174,7 @@ def build_parts(cfg: Config) -> RunParts:
                          f"{comps.schedule.num_timesteps} timesteps")
 
     teacher_unet = comps.unet  # frozen by load_stable_diffusion
+    check_finite(teacher_unet.state_dict(), f"model.pretrained {comps.source} (unet)")  # NaN: every update skipped
     fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True)
     gen_unet = make_generator_net(teacher_unet, m.generator_init, m.trust_pickle)
     teacher = sd_denoiser(teacher_unet, comps.schedule)
@@ -198,18 +199,12 @@ def build_parts(cfg: Config) -> RunParts:
 # ---------------------------------------------------------------------------------------------------
 
 def run_config(run_dir: Path):
-    """The run's resolved config.json (types checked; prompt files are not re-validated here)."""
-    from ..config import ConfigError, _build
-    f = Path(run_dir) / "config.json"
-    if not f.is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json; is it a sfd-fast run directory?")
+    """The stable_diffusion run's config.json, or a one-line error."""
+    from ..config import ConfigError, read_run_config
     try:
-        cfg = _build(Config, json.loads(f.read_text()), "", str(f))
+        return read_run_config(run_dir, "stable_diffusion")
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if cfg.model.kind != "stable_diffusion":
-        raise SystemExit(f"error: {run_dir} is a {cfg.model.kind!r} run; sample/export are for stable_diffusion runs")
-    return cfg
 
 
 def generator_weights(run_dir: Path, checkpoint: str | None = None, raw: bool = False) -> tuple[dict, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from .loading import REQUIRED_PARTS
 from .prompts import REMAIN_FILES, ForgetPromptSet
 
@@ -38,6 +39,12 @@ def _sd_pretrained_problem(pretrained: str) -> str | None:
 
 
 def _first_prompt_line(path: Path) -> bool:
+    from .prompts import read_prompt_file
+    try:
+        read_prompt_file(path, "remain prompts")   # names the file when it is not UTF-8
+    except ValueError as e:
+        if "UTF-8" in str(e):
+            raise UserError(f"prompts.remain_file: {e}") from None
     with open(path, encoding="utf-8") as f:
         return any(line.strip() for line in f)
 

@@ -30,7 +30,11 @@ def read_prompt_file(path, what: str = "prompts", max_lines: int | None = None) 
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {str(p)!r} does not exist (expected a text file with one prompt per line)")
-    lines = [ln.rstrip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [ln.rstrip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} file {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "save it as UTF-8") from None
     prompts = [ln for ln in lines if ln]
     if not prompts:
         raise ValueError(f"{what} file {str(p)!r} is empty (expected one prompt per line)")
