@@ -1,4 +1,4 @@
-"""SFD on a class-conditional 2-D Gaussian teacher, with networks that can represent the optimum exactly.
+"""SFD on a class-conditional 2-D Gaussian teacher, with networks that hold the optimum exactly.
 
 Class k: x0 ~ N(mu_k, Sigma_k). Under VP noise x_t = a x0 + b n the exact x0-estimate is
     E[x0 | x_t, k] = mu_k + a Sigma_k (a^2 Sigma_k + b^2 I)^-1 (x_t - a mu_k).
