@@ -20,7 +20,7 @@ import torch
 
 from .denoisers import Denoiser
 from .generator import OneStepGenerator
-from .losses import fake_score_loss, generator_loss, masked_weighted_sum
+from .losses import fake_score_loss, fake_score_weight, generator_loss, masked_weighted_sum
 from .schedules import VPSchedule
 from .conditions import PhaseConditions, row_targets
 
@@ -85,7 +85,8 @@ def tick_losses(stats: list, target_names: list[str]) -> dict:
 
 def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule: VPSchedule,
                      draws: PhaseDraws, guidance: float, denom: float, n_targets: int = 1):
-    """Denoising score matching of the fake score on stop-gradient generator samples.
+    """Denoising score matching of the fake score on stop-gradient generator samples, epsilon-weighted
+    for every prediction type (losses.fake_score_weight).
 
     Returns (loss to backpropagate, per-phase stats)."""
     c = draws.cond
@@ -94,7 +95,10 @@ def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule
     x_t = schedule.add_noise(x_g, draws.noise, draws.t)
     prediction = fake_score.output(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance)
     target = schedule.target(x_g, draws.noise, draws.t)
-    per_row = fake_score_loss(prediction, target)
+    # epsilon-MSE for every parameterisation (a_t^2 on v rows: losses.fake_score_weight)
+    idx = draws.t.long()
+    weight = fake_score_weight(schedule.prediction, schedule.a_table[idx], schedule.b_table[idx])
+    per_row = fake_score_loss(prediction, target, weight)
     loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
     return loss, phase_stats(per_row, c, n_targets)
 
