@@ -12,12 +12,13 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 DEMO_CONFIG ?= configs/digits_forget0.json
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv install install-test bench clean-demo help
+.PHONY: demo test venv install install-test bench clean-demo help wheelhouse
 
 help:
 	@echo "make demo    create $(VENV), install, run the digits default end to end, print the metrics"
 	@echo "make test    install the test extras and run the CPU test tier"
 	@echo "make bench   run the throughput benchmarks (pytest bench/)"
+	@echo "make wheelhouse  the wheels the GPU device image lacks, into .whl/ (docs/gpu_check.md)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +59,8 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) -m pytest bench $(PYTEST_ARGS)
+
+# The wheels the device image lacks (bench/wheelhouse.txt) into .whl/ for bench/gpu_check.sh;
+# the venv's python builds the source-only ones (deepspeed) with its torch.
+wheelhouse: $(VENV)/.torch
+	PY=$(PY) bash bench/wheelhouse.sh

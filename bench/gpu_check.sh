@@ -1,89 +1,158 @@
 #!/usr/bin/env bash
-# The one command that measures sfd-fast on a CUDA machine (docs/performance.md,
-# /work/shared/design/PERFORMANCE.md "The GPU check script").
+# The one-shot device check of sfd-fast (docs/gpu_check.md):   bash bench/gpu_check.sh OUT
 #
-#   bench/gpu_check.sh RESULTS_DIR
+# Runs on a CUDA machine whose Python already has torch/triton (the device image), in stages. Each
+# stage is its own process under its own time limit and records its numbers in OUT at once, so a
+# stage stopped at its limit loses only its own numbers. OUT/summary.json is rewritten after every
+# stage. Files in OUT (4): summary.json, stages.json (raw per-stage data), gpu_check.log (this
+# script's progress), stages.log (the stages' output).
 #
-# 1. installs wheels from .whl/ (if present) offline: pip install --no-index --no-deps; reports
-#    packages that do not import (e.g. an xformers wheel built for another torch) without failing;
-# 2. runs the GPU test tier (pytest tests -m gpu) and the CUDA benchmarks (bench_step.py: sd15
-#    fast / fast+compile / baseline; bench_kernels.py: CUDA cases), each under a timeout, all in
-#    under 8 minutes;
-# 3. writes RESULTS_DIR/summary.json (bench/gpu_summary.py) and the full logs.
-# Without CUDA it prints why, writes a summary with status "skipped" and exits 0.
-# Environment: PYTHON (default: python3), GPU_CHECK_{INSTALL,TESTS,STEP,KERNELS}_TIMEOUT and
-# GPU_CHECK_BUDGET (seconds; each phase gets at most what is left of the budget).
+# Budgets on an H100 (seconds; each stage must END by the sum of the budgets up to it, so time a
+# stage leaves unused passes to the stages after it; 540 s = 9 minutes in all):
+#
+#   stage            budget  what
+#   setup                40  wheels from .whl/ into a private folder, imports, bf16 matmul peak
+#   eager_fast           80  (a) SFDTrainer.train_step, SD1.5 architecture, random weights, 8 remain +
+#                            8 forget, CFG 4.5 x3, bf16 (bench_step.py [sd15-fast])
+#   eager_baseline       80  (a) the reference-structured baseline, same configuration ([sd15-baseline])
+#   kernels              50  (d) fused SFD loss micro-benchmarks on CUDA (bench_kernels.py, cuda-* cases)
+#   memory_24gb          60  (f) measured peak of the 24 GB configuration (bench/memory_gpu.py)
+#   gpu_tests            75  (e) pytest -m gpu tests (the GPU tier)
+#   fused                55  (c) the fused-phase variant (bench_step.py cases with sd15 and fused)
+#   compiled             95  (b) (a)'s fast step with torch.compile ([sd15-fast-compile]), cold cache
+#   summary               5  OUT/summary.json
+#
+# Overrides (seconds): GPU_CHECK_T_<STAGE> (upper case, e.g. GPU_CHECK_T_COMPILED=300), GPU_CHECK_KILL_GRACE
+# (TERM -> KILL, default 5), GPU_CHECK_MIN_STAGE (a stage with less time left is skipped, default 10).
+# Selections: GPU_CHECK_K_FAST, _K_BASELINE, _K_COMPILED, _K_FUSED, _K_KERNELS (pytest -k expressions).
+# PYTHON (default python3), GPU_CHECK_WHEELS (default .whl). Without CUDA: every stage "skipped",
+# exit 0. A torch / triton / nvidia-* / cuda-* wheel in the wheel folder: refused, nothing runs, exit 2.
 set -u
 if [ $# -ne 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    echo "usage: bench/gpu_check.sh RESULTS_DIR   (writes summary.json and logs into RESULTS_DIR)" >&2
+    echo "usage: bench/gpu_check.sh OUT   (writes summary.json, stages.json and two logs into OUT)" >&2
     exit 2
 fi
-OUT="$1"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 2; }
-OUT="$(cd "$OUT" && pwd)"
-cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export TRITON_INTERPRET=0          # native kernels (tests/conftest.py defaults it to 1 for the CPU tier)
-T_INSTALL="${GPU_CHECK_INSTALL_TIMEOUT:-60}"
-T_TESTS="${GPU_CHECK_TESTS_TIMEOUT:-120}"
-T_STEP="${GPU_CHECK_STEP_TIMEOUT:-230}"
-T_KERNELS="${GPU_CHECK_KERNELS_TIMEOUT:-60}"
-BUDGET="${GPU_CHECK_BUDGET:-465}"   # seconds for everything (PERFORMANCE.md: under 8 minutes)
-start=$(date +%s)
-# a phase's timeout: its own limit, or what is left of the budget (at least 10 s)
-limit() { local left=$(( BUDGET - ($(date +%s) - start) )); [ $left -lt 10 ] && left=10; [ "$1" -lt $left ] && echo "$1" || echo "$left"; }
-log() { echo "[gpu_check $(( $(date +%s) - start ))s] $*" | tee -a "$OUT/gpu_check.log"; }
+WHEELS="${GPU_CHECK_WHEELS:-$ROOT/.whl}"
 
-# 0. CUDA?  (checked before installing anything: a CPU machine's environment is left untouched)
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" >>"$OUT/gpu_check.log" 2>&1; then
-    reason="no CUDA device visible to $PY (torch.cuda.is_available() is False or torch does not import); nothing measured"
+# --- refuse wheels that would replace the image's torch / triton / CUDA libraries (before anything)
+refused=""
+for w in "$WHEELS"/*.whl; do
+    [ -e "$w" ] || continue
+    dist="$(basename "$w" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')"
+    case "$dist" in
+        torch|torch-*|torchvision|torchaudio|triton|pytorch-triton*|nvidia|nvidia-*|cuda-*) refused="$refused $(basename "$w")";;
+    esac
+done
+if [ -n "$refused" ]; then
+    echo "gpu_check: REFUSED:$refused in $WHEELS: the device image's torch/triton/CUDA build must stay;" \
+         "remove these wheels (\`make wheelhouse\` never fetches them). Nothing was installed or run." >&2
+    exit 2
+fi
+
+mkdir -p "$1" || { echo "gpu_check: cannot create $1" >&2; exit 2; }
+OUT="$(cd "$1" && pwd)"
+cd "$ROOT"
+T_SETUP="${GPU_CHECK_T_SETUP:-40}"
+T_EAGER_FAST="${GPU_CHECK_T_EAGER_FAST:-80}"
+T_EAGER_BASELINE="${GPU_CHECK_T_EAGER_BASELINE:-80}"
+T_KERNELS="${GPU_CHECK_T_KERNELS:-50}"
+T_MEMORY_24GB="${GPU_CHECK_T_MEMORY_24GB:-60}"
+T_GPU_TESTS="${GPU_CHECK_T_GPU_TESTS:-75}"
+T_FUSED="${GPU_CHECK_T_FUSED:-55}"
+T_COMPILED="${GPU_CHECK_T_COMPILED:-95}"
+GRACE="${GPU_CHECK_KILL_GRACE:-5}"
+MIN_STAGE="${GPU_CHECK_MIN_STAGE:-10}"
+K_FAST="${GPU_CHECK_K_FAST:-[sd15-fast]}"
+K_BASELINE="${GPU_CHECK_K_BASELINE:-[sd15-baseline]}"
+K_COMPILED="${GPU_CHECK_K_COMPILED:-[sd15-fast-compile]}"
+K_FUSED="${GPU_CHECK_K_FUSED:-sd15 and fused}"
+K_KERNELS="${GPU_CHECK_K_KERNELS:-cuda-}"
+
+start=$(date +%s)
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+: >"$OUT/gpu_check.log"
+: >"$OUT/stages.log"
+rm -f "$OUT/stages.json" "$OUT/summary.json"
+elapsed() { echo $(( $(date +%s) - start )); }
+left() { local l=$(( deadline - $(elapsed) - GRACE )); echo $(( l > MIN_STAGE ? l : MIN_STAGE )); }  # never 0 (= no limit)
+log() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$OUT/gpu_check.log"; }
+summary() { "$PY" bench/gpu_summary.py "$@" >>"$OUT/gpu_check.log" 2>&1; }
+
+# --- CUDA? (torch only; on a machine without it nothing is installed and every stage is skipped)
+timeout -k "$GRACE" 60 "$PY" bench/gpu_summary.py probe "$OUT" >>"$OUT/gpu_check.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then
+    reason="no CUDA device visible to $PY (probe exit code $rc: torch.cuda.is_available() is False or torch does not import); nothing installed, nothing measured"
     log "SKIPPED: $reason"
-    "$PY" bench/gpu_summary.py "$OUT" --env-only --no-peak >>"$OUT/gpu_check.log" 2>&1
-    "$PY" bench/gpu_summary.py "$OUT" --status skipped --reason "$reason" >>"$OUT/gpu_check.log" 2>&1
+    "$PY" bench/gpu_summary.py finish "$OUT" --skip-all "$reason" | tee -a "$OUT/gpu_check.log"
     exit 0
 fi
 
-# 1. offline wheels
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    log "installing wheels from .whl/ (offline, --no-deps)"
-    for w in .whl/*.whl; do
-        if ! timeout "$(limit $T_INSTALL)" "$PY" -m pip install --no-index --no-deps --find-links .whl "$w" >>"$OUT/install.log" 2>&1; then
-            # read-only or externally managed environment: a side folder on PYTHONPATH instead
-            timeout "$T_INSTALL" "$PY" -m pip install --no-index --no-deps --target "$ROOT/.whl-site" "$w" \
-                >>"$OUT/install.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:$ROOT/.whl-site" \
-                || log "could not install $w (see install.log)"
-        fi
-    done
+# --- setup: wheels into a private folder (never over the image's packages), the checkout importable
+SITE="$WORK/site"
+mkdir -p "$SITE"
+deadline=$T_SETUP
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into a private folder (--no-index --no-deps --target)"
+    timeout -k "$GRACE" "$(left)" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl >>"$OUT/stages.log" 2>&1 \
+        || log "wheel install failed (exit $?; see stages.log): the stages that need those packages will fail"
 else
-    log "no .whl/ folder: using the installed packages"
+    log "no wheels in $WHEELS (make wheelhouse): using the installed packages only"
 fi
-"$PY" bench/gpu_summary.py "$OUT" --env-only >>"$OUT/gpu_check.log" 2>&1
-"$PY" -c "import json,sys; e=json.load(open(sys.argv[1])); [print('  not loadable:', k, '-', v) for k, v in e.get('unavailable', {}).items()]; print('  device:', e.get('device'), ' torch', e.get('torch'), ' cuda', e.get('cuda'), ' triton', e.get('triton'), ' peak bf16 TFLOP/s', round(e.get('peak_bf16_tflops') or 0, 1))" "$OUT/env.json" | tee -a "$OUT/gpu_check.log"
+cp bench/gpu_sitecustomize.py "$SITE/sitecustomize.py"   # sfd_fast.kernels -> kernels/ (setup.py's package_dir)
+export SFD_FAST_ROOT="$ROOT"
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0                              # native kernels (tests/conftest.py defaults it to 1)
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"        # a cold, private compile cache
+export TRITON_CACHE_DIR="$WORK/triton"
+timeout -k "$GRACE" "$(left)" "$PY" bench/gpu_summary.py env "$OUT" >>"$OUT/gpu_check.log" 2>&1 || log "environment probe failed (exit $?)"
+"$PY" -c "import json,sys; e=json.load(open(sys.argv[1])).get('environment', {}); print('  device:', e.get('device'), '| torch', e.get('torch'), '| cuda', e.get('cuda'), '| bf16 peak TFLOP/s', e.get('peak_bf16_tflops')); [print('  not importable:', k, '-', v) for k, v in e.get('unavailable', {}).items()]" \
+    "$OUT/stages.json" 2>&1 | tee -a "$OUT/gpu_check.log"
 
-# 2. GPU test tier
-log "pytest tests -m gpu (timeout ${T_TESTS}s)"
-timeout "$(limit $T_TESTS)" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" \
-    >"$OUT/gpu_tests.log" 2>&1
-rc_tests=$?
-log "GPU tests exit code $rc_tests ($(tail -n 1 "$OUT/gpu_tests.log"))"
+# --- stages: run_stage NAME BUDGET DATA_FILE COMMAND...   (the stage ends by the cumulative deadline)
+run_stage() {
+    local name=$1 budget=$2 data=$3
+    shift 3
+    deadline=$(( deadline + budget ))
+    local limit=$(( deadline - $(elapsed) - GRACE ))
+    if [ $limit -lt "$MIN_STAGE" ]; then
+        log "$name: skipped, ${limit}s left of its deadline (< ${MIN_STAGE}s)"
+        summary record "$OUT" "$name" --limit "$limit" --reason "skipped: the earlier stages used its time (${limit}s left)"
+        return
+    fi
+    log "$name: start, limit ${limit}s"
+    echo "===== $name (limit ${limit}s): $*" >>"$OUT/stages.log"
+    local offset t0 rc
+    offset=$(stat -c %s "$OUT/stages.log")
+    t0=$(date +%s)
+    timeout -k "$GRACE" "$limit" "$@" >>"$OUT/stages.log" 2>&1 </dev/null
+    rc=$?
+    tail -c +$(( offset + 1 )) "$OUT/stages.log" >"$WORK/stage_tail.log"
+    summary record "$OUT" "$name" --rc $rc --seconds $(( $(date +%s) - t0 )) --limit "$limit" \
+        --data "$data" --log-tail "$WORK/stage_tail.log"
+    log "$name: exit code $rc after $(( $(date +%s) - t0 ))s$([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo ' (time limit)')"
+}
+BENCH=("$PY" -m pytest -q -p no:cacheprovider)
+run_stage eager_fast "$T_EAGER_FAST" "$WORK/eager_fast.json" \
+    "${BENCH[@]}" bench/bench_step.py -k "$K_FAST" --benchmark-json "$WORK/eager_fast.json"
+run_stage eager_baseline "$T_EAGER_BASELINE" "$WORK/eager_baseline.json" \
+    "${BENCH[@]}" bench/bench_step.py -k "$K_BASELINE" --benchmark-json "$WORK/eager_baseline.json"
+run_stage kernels "$T_KERNELS" "$WORK/kernels.json" \
+    "${BENCH[@]}" bench/bench_kernels.py -k "$K_KERNELS" --benchmark-json "$WORK/kernels.json"
+run_stage memory_24gb "$T_MEMORY_24GB" "$WORK/memory_24gb.json" \
+    "$PY" bench/memory_gpu.py --json "$WORK/memory_24gb.json"
+run_stage gpu_tests "$T_GPU_TESTS" "$WORK/gpu_tests.xml" \
+    "${BENCH[@]}" tests -m gpu --junitxml "$WORK/gpu_tests.xml"
+run_stage fused "$T_FUSED" "$WORK/fused.json" \
+    "${BENCH[@]}" bench/bench_step.py -k "$K_FUSED" --benchmark-json "$WORK/fused.json"
+run_stage compiled "$T_COMPILED" "$WORK/compiled.json" \
+    "${BENCH[@]}" bench/bench_step.py -k "$K_COMPILED" --benchmark-json "$WORK/compiled.json"
 
-# 3. CUDA benchmarks (the step first: it is the headline number)
-log "bench_step.py sd15 (timeout ${T_STEP}s)"
-timeout "$(limit $T_STEP)" "$PY" -m pytest bench/bench_step.py -k sd15 -q -p no:cacheprovider \
-    --benchmark-json "$OUT/bench_step.json" >"$OUT/bench_step.log" 2>&1
-rc_step=$?
-log "step benchmark exit code $rc_step"
-log "bench_kernels.py cuda (timeout ${T_KERNELS}s)"
-timeout "$(limit $T_KERNELS)" "$PY" -m pytest bench/bench_kernels.py -k cuda -q -p no:cacheprovider \
-    --benchmark-json "$OUT/bench_kernels.json" >"$OUT/bench_kernels.log" 2>&1
-rc_kernels=$?
-log "kernel benchmark exit code $rc_kernels"
-
-status=ok
-if [ $rc_tests -ne 0 ] || [ $rc_step -ne 0 ] || [ $rc_kernels -ne 0 ]; then status=failed; fi
-"$PY" bench/gpu_summary.py "$OUT" --status "$status" \
-    --reason "exit codes: tests=$rc_tests step=$rc_step kernels=$rc_kernels (124 = timeout)" | tee -a "$OUT/gpu_check.log"
-log "done in $(( $(date +%s) - start ))s"
-[ "$status" = ok ]
+"$PY" bench/gpu_summary.py finish "$OUT" | tee -a "$OUT/gpu_check.log"
+log "done in $(elapsed)s"
+"$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['status'] == 'ok' else 1)" "$OUT/summary.json"

@@ -3,6 +3,10 @@
     sfd-fast train  --config FILE [--set k=v ...] [--run-dir DIR] [--resume DIR] [--dry-run]
     sfd-fast sample --run RUN_DIR --prompt "..." [--n 8] [--out grid.png] [--steps 1|2|4]
     sfd-fast export --run RUN_DIR --out DIR [--force] [--raw] [--dtype fp32|fp16|bf16]
+    sfd-fast sample --run DDPM_RUN --classes 0-9 --n-per-class N --out-dir DIR
+    sfd-fast export --format reference-ddpm --run DDPM_RUN --out ckpt.pth
+    sfd-fast import-config --out config.json cifar10.yml --init_ckpt ckpt.pth --label_to_forget 0
+    sfd-fast report RUN_DIR [--out FILE]
 
 `sfd-fast COMMAND --help` describes each. Also runnable as `python -m sfd_fast.cli COMMAND ...`.
 """
@@ -15,8 +19,11 @@ import sys
 # so `sfd-fast train` on a digits run never imports diffusers.
 COMMANDS = {
     "train": ("sfd_fast.train:main", "train an SFD run (a JSON config) or resume one"),
-    "sample": ("sfd_fast.sd.cli:sample_main", "sample grids (and image folders) from a Stable Diffusion run"),
-    "export": ("sfd_fast.sd.cli:export_main", "export a Stable Diffusion run as a diffusers pipeline folder"),
+    "sample": ("sfd_fast.families:sample_main", "samples of a run: SD prompt grids, ddpm class folders"),
+    "export": ("sfd_fast.families:export_main", "export a run: SD diffusers folder, ddpm reference checkpoint"),
+    "import-config": ("sfd_fast.ddpm.import_config:main", "a reference SFD config (DDPM YAML / SD flags) -> JSON"),
+    "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA of a ddpm run with the reference's classifier"),
+    "report": ("sfd_fast.evaluation.report:main", "write a self-contained HTML report of a run (plots, grids, eval)"),
 }
 
 
@@ -38,7 +45,9 @@ def main(argv=None) -> int:
     else:
         module, _, name = target.partition(":")
         fn = getattr(importlib.import_module(module), name)
-    fn(argv[1:])
+    from .errors import user_error_boundary
+    with user_error_boundary():   # bad input: one paragraph on stderr, exit status 2 (errors.py)
+        fn(argv[1:])
     return 0  # a command's return value is not an exit status (sys.exit(path) would exit 1)
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration: the message names the key and the file and says what to do."""
 
 
@@ -37,7 +39,7 @@ class ScheduleConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"              # a family of families.py: digits | stable_diffusion
+    kind: str = "digits"              # a family of families.py: digits | stable_diffusion | ddpm
     teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
     generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
     hidden: int = 384                 # digits MLP width
@@ -56,6 +58,8 @@ class SFDConfig:
     forget_class: int = 0
     override: str = "fixed"           # fixed | random (a uniform class other than forget_class)
     override_class: int = 1
+    forget_classes: list = field(default_factory=list)    # several targets: [0, 7]; [] = [forget_class]
+    override_classes: list = field(default_factory=list)  # one per forget class (override "fixed")
     sg_remain_coef: float = 1.0
     sg_forget_coef: float = 1.0
     g_remain_coef: float = 1.0
@@ -97,6 +101,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     sample_every: int = 500
     progress: bool = True             # tqdm bar (only on a terminal)
+    keep_checkpoints: int = 0         # > 0: keep only the newest N checkpoints (0 = keep all)
+    max_consecutive_skips: int = 50   # stop (checkpoint, exit 3) after this many skipped updates in a row
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -135,6 +141,9 @@ class PromptsConfig:
     resolution: int = 512
     grid_prompts: list = field(default_factory=list)  # snapshot-grid prompts; [] = first 8 forget + val
     grid_per_prompt: int = 2          # images per grid row (one row per grid prompt)
+    # several concepts in one run: a list of {concept_to_forget, concept_to_override, forget_file,
+    # override_file?, val_file?, weight?}; [] = the single concept of the keys above
+    concepts: list = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +161,42 @@ class EvalConfig:
     enabled: bool = True
     samples_per_class: int = 200
     teacher_steps: int = 50
+    every: int = 0                    # > 0: evaluate on a fixed small sample set every N steps (stats.jsonl)
+    during_samples_per_class: int = 50   # digits: samples per class of that evaluation
+    clip_model: str = ""              # stable_diffusion: CLIP folder or hub id for eval.json ("" = skipped)
+    clip_prompts: int = 8             # stable_diffusion: prompts per forget concept / validation set
+    clip_images_per_prompt: int = 2   # stable_diffusion: fixed-seed one-step samples per prompt
+    report: bool = True               # write report.html at the end of the run
+
+
+@dataclass
+class DDPMNetConfig:
+    """The reference class-conditional DDPM network (a reference YAML's `model:` section + image size);
+    ddpm/model.py's DDPMArch adds the class count to it."""
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+
+
+@dataclass
+class DDPMConfig(DDPMNetConfig):
+    """The `ddpm` section: the network (DDPMNetConfig's keys) and where its weights come from (spec §4.1).
+
+    checkpoint: a reference `ckpt.pth` (4-entry base DDPM list, or a 6-entry SFD/SiD list for the
+    two-stage start), or "random:DIR" for random weights written once to DIR (CPU smoke runs).
+    init_from_ema: the reference's distill.init_from_ema (take the EMA entry as the start).
+    train_mode_dropout: dropout active in the fake score's and the generator's own updates, as the
+    reference's train-mode networks (see sfd_fast/ddpm/model.py); false = dropout never used."""
+    checkpoint: str = ""
+    init_from_ema: bool = True
+    train_mode_dropout: bool = True
+    grid_per_class: int = 8           # snapshot grid: images per class row
+    classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
 
 
 @dataclass
@@ -166,6 +211,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -239,11 +285,15 @@ def read_json_file(path: str | Path, what: str, hint: str) -> dict:
     """A JSON object from `path`, or a ConfigError naming `what`, the file and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist; {hint}")
+        raise ConfigError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; {hint}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -267,6 +317,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
     s, t, sch = cfg.sfd, cfg.train, cfg.schedule
+    from .domains import validate_micro_batch, validate_numbers
+    validate_numbers(cfg, bad)   # every float finite; numeric domains (eps, betas, EMA, pretrain, ...)
     from .families import FAMILIES
     if cfg.model.kind not in FAMILIES:
         bad("model.kind", f"must be one of {', '.join(map(repr, FAMILIES))}, got {cfg.model.kind!r}")
@@ -295,17 +347,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.grad_accum", f"must be a positive integer, got {t.grad_accum}")
     if t.batch_size % t.grad_accum:
         bad("train.grad_accum", f"({t.grad_accum}) must divide train.batch_size ({t.batch_size})")
-    m = t.micro_batch
-    if m == "auto":   # the memory-model + probe-step choice is not built yet (issue #10 item 4)
-        bad("train.micro_batch", "'auto' is not implemented yet; give an integer dividing train.batch_size "
-            "(rows per branch per micro-batch) or leave it null (batch_size / grad_accum)")
-    elif m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m > 0 and t.batch_size % m == 0):
-        bad("train.micro_batch", f"must be null or a positive integer dividing train.batch_size "
-            f"({t.batch_size}), got {m!r}")
-    elif m is not None:
-        if t.grad_accum not in (1, t.batch_size // m):
-            bad("train.micro_batch", f"({m}) and train.grad_accum ({t.grad_accum}) disagree: give one of them")
-        t.grad_accum = t.batch_size // m   # the accumulation follows from the micro-batch
+    validate_micro_batch(t, bad)
     if t.total_steps <= 0:
         bad("train.total_steps", "must be positive")
     for k in ("log_every", "checkpoint_every", "sample_every"):
@@ -324,31 +366,25 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.ema.decay", "must be in [0, 1) or null")
     if e.halflife_kimg < 0:
         bad("train.ema.halflife_kimg", "must be >= 0")
+    from .domains import validate_engine
     validate_engine(cfg, bad)
     from .families import family_checks
     family_checks(cfg.model.kind)(cfg, bad)   # the family's own checks (digits/checks.py, sd/checks.py)
-    if cfg.eval.samples_per_class <= 0:
-        bad("eval.samples_per_class", "must be positive")
+    ev = cfg.eval
+    for k in ("samples_per_class", "during_samples_per_class", "clip_prompts", "clip_images_per_prompt"):
+        if getattr(ev, k) <= 0:
+            bad(f"eval.{k}", "must be positive")
+    if ev.every < 0:
+        bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
 
 
-def validate_engine(cfg: Config, bad) -> None:
-    e = cfg.engine
-    if e.backend not in ("plain", "deepspeed"):
-        bad("engine.backend", f"must be 'plain' or 'deepspeed', got {e.backend!r}")
-    if e.precision not in ("fp32", "bf16"):
-        bad("engine.precision", f"must be 'fp32' or 'bf16', got {e.precision!r}")
-    if e.kernels not in ("auto", "torch", "triton"):
-        bad("engine.kernels", f"must be 'auto', 'torch' or 'triton', got {e.kernels!r}")
-    if e.attention not in ("sdpa", "xformers", "auto"):
-        bad("engine.attention", f"must be 'sdpa', 'xformers' or 'auto', got {e.attention!r}")
-    if e.optimizer not in ("adam", "adam8bit"):
-        bad("engine.optimizer", f"must be 'adam' or 'adam8bit', got {e.optimizer!r}")
-    if e.rng_mode not in ("global_slice", "per_rank"):
-        bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
-    if not 0 <= e.zero_stage <= 3:
-        bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
-    if e.compile_mode not in ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"):
-        bad("engine.compile_mode", "must be 'default', 'max-autotune', 'max-autotune-no-cudagraphs' or "
-            f"'reduce-overhead', got {e.compile_mode!r}")
-    if e.compile and e.compile_phase:
-        bad("engine.compile_phase", "compiles the networks inside each phase already; set engine.compile=false")
+def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:
+    """A finished run's config.json (keys and types checked; files it names are not re-validated),
+    optionally required to be a `kind` run. ConfigError names the file and what is wrong."""
+    f = Path(run_dir) / "config.json"
+    if not f.is_file():
+        raise ConfigError(f"{run_dir} has no config.json; is it a sfd-fast run directory?")
+    cfg = _build(Config, read_json_file(f, "run config", "it is written by sfd_fast/train.py"), "", str(f))
+    if kind is not None and cfg.model.kind != kind:
+        raise ConfigError(f"{run_dir} is a {cfg.model.kind!r} run; this command is for {kind!r} runs")
+    return cfg

@@ -14,6 +14,8 @@ Adapters only implement `forward_raw(x_t, t, cond)`; the algorithm never branche
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -106,3 +108,27 @@ class FrozenView(nn.Module):
     def x0(self, x_t, t, cond, uncond=None, guidance: float = 1.0):
         d = self.inner[0]
         return torch.func.functional_call(d, self._params(), (x_t, t, cond, uncond, guidance))
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: nn.Module):
+    """requires_grad off on `module`'s parameters for the block, restored after (even on error).
+
+    The alternative to FrozenView where functional_call cannot be used: ZeRO-3 (partitioned
+    weights) and diffusers' activation checkpointing, whose backward recomputation runs outside
+    functional_call and so would see the real (grad-requiring) weights instead of the detached
+    ones (torch.utils.checkpoint then raises a metadata-mismatch CheckpointError). The backward
+    must run inside the block too, as the trainer's generator update does."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def needs_frozen_parameters(denoiser: Denoiser) -> bool:
+    """True when FrozenView cannot be used for `denoiser` (diffusers gradient checkpointing on)."""
+    return bool(getattr(denoiser.net, "is_gradient_checkpointing", False))

@@ -61,18 +61,50 @@ def generator_loss_alpha1(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch
     return ((yr - yf) * (yf - xg)).sum(dim=1) / omega
 
 
-def fake_score_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Denoising score matching per sample, shape (B,): sum_{CHW} (prediction - target)^2.
+def fake_score_weight(prediction: str, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor | None:
+    """Per-row weight (B,) that makes the fake-score loss the epsilon-MSE whatever the network predicts.
+
+    With x_t = a x0 + b n (a^2 + b^2 = 1) and x0_hat the network's x0-estimate, the three MSEs differ
+    only by a per-t factor (schedules.py's closed forms):
+        eps - n       = (a / b) (x0 - x0_hat)   ->  eps-MSE = (a/b)^2 |x0 - x0_hat|^2
+        v - v_target  = (1 / b) (x0 - x0_hat)   ->  v-MSE   = (1/b)^2 |x0 - x0_hat|^2 = eps-MSE / a^2
+        x0_hat - x0                             ->  x0-MSE  =         |x0 - x0_hat|^2 = eps-MSE (b/a)^2
+    so eps-MSE = a^2 v-MSE = (a/b)^2 x0-MSE. The fake score is trained with the epsilon weighting
+    for every parameterisation: that is the reference SFD's loss (spec §1a/§1b; its v-path weights
+    the v-MSE by SNR/(SNR+1) = a^2), and it makes an epsilon and a v model of one x0-predictor train
+    identically (docs/sd.md, "The fake-score loss for v-prediction models").
+    Unweighted v-MSE would weigh the high-noise end 1/a^2 times more (~170x at SD's t = 979).
+    Returns None for epsilon (weight 1, no multiply).
+    """
+    if prediction == "epsilon":
+        return None
+    if prediction == "v_prediction":
+        return a_t.float().square()
+    if prediction == "sample":
+        return (a_t.float() / b_t.float()).square()
+    raise ValueError(f"fake_score_weight: unknown prediction type {prediction!r}")
+
+
+def fake_score_loss(prediction: torch.Tensor, target: torch.Tensor,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoising score matching per sample, shape (B,): weight_i * sum_{CHW} (prediction - target)^2.
 
     `prediction` is the fake score's raw output at x_t = a_t sg(x_g) + b_t n (epsilon, or v for
-    v-prediction networks) and `target` the matching target (n, or a_t n - b_t x_g). The caller
-    evaluates the network on a stop-gradient generator sample; this function only does the math.
+    v-prediction networks) and `target` the matching target (n, or a_t n - b_t x_g). `weight` (B,)
+    is `fake_score_weight(...)`: a_t^2 for v-prediction, so that every parameterisation trains the
+    epsilon-MSE (see there). The caller evaluates the network on a stop-gradient generator sample;
+    this function only does the math.
     """
     if prediction.shape != target.shape:
         raise ValueError(
             f"fake_score_loss: prediction {tuple(prediction.shape)} vs target {tuple(target.shape)}"
         )
-    return (_flat(prediction).float() - _flat(target).float()).square().sum(dim=1)
+    per_row = (_flat(prediction).float() - _flat(target).float()).square().sum(dim=1)
+    if weight is None:
+        return per_row
+    if weight.shape != per_row.shape:
+        raise ValueError(f"fake_score_loss: weight {tuple(weight.shape)} must be ({per_row.shape[0]},)")
+    return per_row * weight.float()
 
 
 def masked_weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor, denom: float) -> torch.Tensor:

@@ -20,13 +20,14 @@ import torch
 
 from .denoisers import Denoiser
 from .generator import OneStepGenerator
-from .losses import fake_score_loss, generator_loss, masked_weighted_sum
+from .losses import fake_score_loss, fake_score_weight, generator_loss, masked_weighted_sum
 from .schedules import VPSchedule
-from .conditions import PhaseConditions
+from .conditions import PhaseConditions, row_targets
 
-# index layout of the per-phase statistics vector (kept on device, summed over a tick)
-STAT_REMAIN_SUM, STAT_REMAIN_N, STAT_FORGET_SUM, STAT_FORGET_N, STAT_NONFINITE = range(5)
-NUM_STATS = 5
+# column layout of the per-phase statistics (n_targets + 1, NUM_STATS) tensor, kept on the device
+# and summed over a tick; row 0 = remain rows, row 1 + k = forget rows of target k
+STAT_SUM, STAT_N, STAT_NONFINITE = range(3)
+NUM_STATS = 3
 
 
 @dataclass
@@ -54,22 +55,39 @@ def draw_phase(task, rng: torch.Generator, n_remain: int, n_forget: int, sample_
     return PhaseDraws(z, noise, t, cond, coef)
 
 
-def phase_stats(per_row: torch.Tensor, is_forget: torch.Tensor) -> torch.Tensor:
-    """(remain_sum, remain_n, forget_sum, forget_n, nonfinite_rows) on device, for logging."""
+def phase_stats(per_row: torch.Tensor, cond: PhaseConditions, n_targets: int = 1) -> torch.Tensor:
+    """(n_targets + 1, NUM_STATS) on the device: per group (remain, then each forget target) the sum
+    of finite row losses, the count of finite rows and the count of non-finite rows. One index_add_
+    (a scatter) from the per-row target index: no host sync, whatever the number of targets."""
     finite = torch.isfinite(per_row)
-    safe = torch.where(finite, per_row, torch.zeros_like(per_row)).detach()
-    remain = (~is_forget) & finite
-    forget = is_forget & finite
-    return torch.stack([
-        (safe * remain).sum(), remain.sum().float(),
-        (safe * forget).sum(), forget.sum().float(),
-        (~finite).sum().float(),
-    ])
+    safe = torch.where(finite, per_row, torch.zeros_like(per_row)).detach().float()
+    group = row_targets(cond.is_forget, cond.target) + 1          # remain -1 -> row 0
+    columns = torch.stack([safe, finite.float(), (~finite).float()], dim=1)
+    return torch.zeros(n_targets + 1, NUM_STATS, device=per_row.device).index_add_(0, group, columns)
+
+
+def tick_losses(stats: list, target_names: list[str]) -> dict:
+    """stats.jsonl loss fields from a tick's summed (2, n_targets + 1, NUM_STATS) statistics (as a
+    nested list): per network the mean remain and forget loss, and with several targets each
+    target's mean forget loss ("fake_score_loss/forget/<target>"); nan where no finite row fell."""
+    def mean(rows):
+        total, n = sum(r[STAT_SUM] for r in rows), sum(r[STAT_N] for r in rows)
+        return total / n if n else float("nan")
+    out = {}
+    for net, groups in zip(("fake_score_loss", "generator_loss"), stats):
+        out[f"{net}/remain"] = mean(groups[:1])
+        out[f"{net}/forget"] = mean(groups[1:])
+        if len(target_names) > 1:
+            for name, row in zip(target_names, groups[1:]):
+                out[f"{net}/forget/{name}"] = mean([row])
+    out["nonfinite_rows"] = sum(r[STAT_NONFINITE] for groups in stats for r in groups)
+    return out
 
 
 def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule: VPSchedule,
-                     draws: PhaseDraws, guidance: float, denom: float):
-    """Denoising score matching of the fake score on stop-gradient generator samples.
+                     draws: PhaseDraws, guidance: float, denom: float, n_targets: int = 1):
+    """Denoising score matching of the fake score on stop-gradient generator samples, epsilon-weighted
+    for every prediction type (losses.fake_score_weight).
 
     Returns (loss to backpropagate, per-phase stats)."""
     c = draws.cond
@@ -78,15 +96,18 @@ def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule
     x_t = schedule.add_noise(x_g, draws.noise, draws.t)
     prediction = fake_score.output(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance)
     target = schedule.target(x_g, draws.noise, draws.t)
-    per_row = fake_score_loss(prediction, target)
+    # epsilon-MSE for every parameterisation (a_t^2 on v rows: losses.fake_score_weight)
+    idx = draws.t.long()
+    weight = fake_score_weight(schedule.prediction, schedule.a_table[idx], schedule.b_table[idx])
+    per_row = fake_score_loss(prediction, target, weight)
     loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
-    return loss, phase_stats(per_row, c.is_forget)
+    return loss, phase_stats(per_row, c, n_targets)
 
 
 def generator_phase(generator: OneStepGenerator, fake_score_view, teacher: Denoiser,
                     schedule: VPSchedule, draws: PhaseDraws, alpha: float,
                     guidance_fake: float, guidance_real: float, denom: float,
-                    loss_fn: Callable = generator_loss):
+                    loss_fn: Callable = generator_loss, n_targets: int = 1):
     """SiD generator loss through the fake score and the frozen teacher (neither detached).
 
     `fake_score_view` evaluates the fake score with detached weights (denoisers.FrozenView), so
@@ -99,4 +120,4 @@ def generator_phase(generator: OneStepGenerator, fake_score_view, teacher: Denoi
     y_real = teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, guidance_real)
     per_row = loss_fn(x_g, y_real, y_fake, alpha)
     loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
-    return loss, phase_stats(per_row, c.is_forget)
+    return loss, phase_stats(per_row, c, n_targets)

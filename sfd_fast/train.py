@@ -3,9 +3,14 @@
     --config FILE        JSON run config (configs/*.json)
     --set a.b=value ...  override config keys (value parsed as JSON, else a string)
     --run-dir DIR        where this run writes (default: <run.root>/<run.name>)
-    --resume DIR         continue the run in DIR exactly (its config.json; --set may extend steps)
+    --resume DIR         continue the run in DIR exactly from its newest usable checkpoint (its
+                         config.json; --set may change only rundir.RESUMABLE keys: length, cadences,
+                         evaluation, logging)
     --dry-run            build everything, run one step, print parameter counts, memory and the
                          resolved config; writes nothing to the run directory
+
+Exit status: 0 done; 2 bad input (one paragraph naming the key or file, nothing written); 3 the run
+cannot train (checkpoint written); 128+N stopped by signal N after a checkpoint (docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -42,6 +47,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.config and not args.resume:
         p.error("give --config FILE (or --resume RUN_DIR)")
+    if args.resume and (args.config or args.run_dir):
+        p.error("--resume RUN_DIR continues that run with its stored config.json; it cannot be combined with "
+                "--config or --run-dir (change the keys that may change on resume with --set)")
     return args
 
 
@@ -57,54 +65,67 @@ def setup_logging(run_dir: Path | None = None):
         fh = logging.FileHandler(run_dir / "log.txt")
         fh.setFormatter(fmt)
         root.addHandler(fh)
+        return fh
+    return None
 
 
 def build_parts(cfg):
     """The family's RunParts (families.py maps model.kind to its builder)."""
+    from sfd_fast.errors import UserError
     from sfd_fast.families import family, resolve
     try:
         return resolve(family(cfg.model.kind).build)(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad model / prompt inputs: a message, not a traceback
-        raise SystemExit(f"error: {e}") from None
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:  # bad model / prompt inputs
+        raise UserError(str(e)) from None
 
 
 def load_run_config(args):
-    """(cfg, run_dir) from --config/--set or --resume, all checks done before anything is built."""
+    """(cfg, run_dir, resume changes) from --config/--set or --resume, checked before anything is built."""
+    from sfd_fast.checkpoint import checkpoint_folders
     from sfd_fast.config import ConfigError, load_config
     from sfd_fast.engine import preflight
-    try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            cfg_path = run_dir / "config.json"
-            if not cfg_path.is_file():
-                raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-            cfg = load_config(cfg_path, args.overrides)
-        else:
-            cfg = load_config(args.config, args.overrides)
-            run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
-            if (run_dir / "checkpoints" / "latest").exists() and not args.dry_run:
+    from sfd_fast.errors import UserError
+    from sfd_fast.rundir import check_run_dir_usable, resolve_paths, resume_config
+    changes = None
+    if args.resume:
+        run_dir = Path(args.resume).absolute()
+        cfg, changes = resume_config(run_dir, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        resolve_paths(cfg)     # stored absolute: a resume works from any working directory
+        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
+        if not args.dry_run:
+            check_run_dir_usable(run_dir)
+            if checkpoint_folders(run_dir) or (run_dir / "checkpoints" / "latest").exists():
                 raise ConfigError(f"run directory {run_dir} already holds a run; use --resume {run_dir} to "
                                   "continue it, or --run-dir / --set run.name=... for a new one")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and cfg.engine.backend == "plain":
-            raise ConfigError(f"launched with WORLD_SIZE={world}, but engine.backend is 'plain' (one process); "
-                              "run with a single process")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.engine.backend == "plain":
+        raise ConfigError(f"launched with WORLD_SIZE={world}, but engine.backend is 'plain' (one process); "
+                          "run with a single process")
+    try:
         preflight(cfg)  # explicit requests (deepspeed, adam8bit, xformers, world/batch) fail here
-    except (ConfigError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
-    return cfg, run_dir
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    return cfg, run_dir, changes
 
 
 def main(argv=None) -> dict:
+    """Train (or resume) one run; user errors exit with status 2 and one paragraph (errors.py)."""
+    from sfd_fast.errors import user_error_boundary
+    with user_error_boundary():
+        return _main(argv)
+
+
+def _main(argv=None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    cfg, run_dir = load_run_config(args)
+    cfg, run_dir, changes = load_run_config(args)
     import torch
 
-    from sfd_fast.checkpoint import atomic_write_text
     from sfd_fast.engine import resolve_device
+    from sfd_fast.engine.memory import check_memory
     from sfd_fast.families import family, resolve
-    from sfd_fast.trainer import SFDTrainer
 
     # 1. device and ranks (DeepSpeed: process group first, gloo on CPU / nccl on CUDA; rank 0 writes)
     distributed = cfg.engine.backend == "deepspeed"
@@ -116,10 +137,6 @@ def main(argv=None) -> dict:
             logging.getLogger("sfd_fast").setLevel(logging.WARNING)
     else:
         device, rank0 = resolve_device(cfg.run.device), True
-    write = rank0 and not args.dry_run
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(run_dir)
     # 2. the family's parts (may pretrain and cache the digits teacher: rank 0 first, then the others)
     torch.manual_seed(cfg.run.seed)
     if distributed and not rank0:
@@ -127,22 +144,87 @@ def main(argv=None) -> dict:
     parts = build_parts(cfg)
     if distributed and rank0:
         barrier()
+    fam = family(cfg.model.kind)
+    if fam.evaluate_during and cfg.eval.enabled and cfg.eval.every > 0 and not args.dry_run:
+        # every rank takes part in the collective sampling_generator(); only rank 0 evaluates
+        parts.evaluate_during = resolve(fam.evaluate_during)(cfg, parts, device) if rank0 else (lambda gen: {})
     if args.dry_run:
         return dry_run(cfg, parts, device)
+    world = torch.distributed.get_world_size() if distributed else 1
+    check_memory(cfg, parts, device, world)   # a micro-batch that cannot fit: refused with the estimate
+    # 3. the run directory, locked for the run's life (rank 0 writes)
+    from sfd_fast.rundir import RunLock
+    lock = open_run_dir(run_dir) if rank0 else None
+    try:
+        return train_run(args, cfg, parts, run_dir, device, rank0, changes)
+    finally:
+        if isinstance(lock, RunLock):
+            lock.release()
+            # this run's log.txt handler goes with it (in-process callers run several runs)
+            own_log = str((run_dir / "log.txt").absolute())
+            for h in [h for h in log.handlers if getattr(h, "baseFilename", None) == own_log]:
+                log.removeHandler(h)
+                h.close()
+
+
+def open_run_dir(run_dir: Path):
+    """Create and lock the run directory, remove leftovers of interrupted writes, log into it."""
+    from sfd_fast.checkpoint import remove_stale_temporaries
+    from sfd_fast.errors import UserError
+    from sfd_fast.rundir import RunLock
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} cannot be created or locked ({e.strerror or e}); choose "
+                        "another --run-dir (or run.root)") from None
+    for path in remove_stale_temporaries(run_dir):
+        log.info("removed %s (left by an interrupted write)", path)
+    setup_logging(run_dir)
+    return lock
+
+
+def train_run(args, cfg, parts, run_dir: Path, device, rank0: bool, changes) -> dict:
+    """Train under the lock: a new run writes config.json; a resume loads the newest usable checkpoint,
+    drops stats past it and records its config changes. Then the family's evaluation (rank 0)."""
+    import torch
+
+    from sfd_fast.checkpoint import atomic_write_text
+    from sfd_fast.errors import UserError
+    from sfd_fast.families import family, resolve
+    from sfd_fast.rundir import record_resume, trim_stats
+    from sfd_fast.trainer import SFDTrainer
     if not args.resume and rank0:
+        trim_stats(run_dir, 0)   # a run that died before its first checkpoint left stats behind
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    # 3. train
     trainer = SFDTrainer(cfg, parts, run_dir, device)
     if args.resume:
         trainer.resume(run_dir)
+        if trainer.step >= cfg.train.total_steps:
+            raise UserError(f"--resume {run_dir}: the run is complete (step {trainer.step}, train.total_steps="
+                            f"{cfg.train.total_steps}); to train further pass --set train.total_steps=N")
+        if rank0:
+            trim_stats(run_dir, trainer.step)
+            record_resume(run_dir, cfg, changes, trainer.step)
     log.info("run dir %s: %d steps, batch %d remain + %d forget per step", run_dir, cfg.train.total_steps,
              cfg.train.batch_size, cfg.train.batch_size)
-    trainer.train()
-    # 4. the family's evaluation (rank 0)
+    trainer.guard.install_signals()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory on {device} at step {trainer.step + 1} with a micro-batch of "
+                        f"{cfg.train.batch_size // cfg.train.grad_accum} rows; raise train.grad_accum or lower "
+                        f"train.batch_size, then --resume {run_dir}") from None
+    finally:
+        trainer.guard.restore_signals()
     result = {"run_dir": str(run_dir)}
-    evaluate = family(cfg.model.kind).evaluate
-    if evaluate and cfg.eval.enabled and rank0:
-        result.update(resolve(evaluate)(cfg, parts, trainer, run_dir))
+    fam = family(cfg.model.kind)
+    if fam.evaluate and cfg.eval.enabled and rank0:
+        result.update(resolve(fam.evaluate)(cfg, parts, trainer, run_dir))
+    if cfg.eval.report and rank0:
+        from sfd_fast.evaluation.report import write_report
+        result["report"] = str(write_report(run_dir))
+        log.info("report: %s", result["report"])
     return result
 
 

@@ -30,14 +30,14 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import prune_checkpoints
 from .config import Config
 from .denoisers import Denoiser
 from .engine import accelerate, autocast_context, make_backend, select_generator_loss
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
-from .step import (NUM_STATS, STAT_FORGET_N, STAT_FORGET_SUM, STAT_NONFINITE, STAT_REMAIN_N,
-                   STAT_REMAIN_SUM)
+from .guard import RunGuard
+from .step import NUM_STATS, tick_losses
 
 log = logging.getLogger("sfd_fast")
 
@@ -52,6 +52,7 @@ class RunParts:
     sample_shape: tuple
     save_grid: Optional[Callable] = None     # save_grid(generator_module, path)
     extra_state: dict = field(default_factory=dict)
+    evaluate_during: Optional[Callable] = None   # evaluate_during(generator_module) -> {name: float}
 
 
 class SFDTrainer:
@@ -75,7 +76,9 @@ class SFDTrainer:
         self.step = 0
         self.nimg = 0
         self.skipped = torch.zeros(2, device=device)      # (fake_score, generator) skipped updates
-        self.stats = torch.zeros(2, NUM_STATS, device=device)
+        # forget targets (several classes / concepts in one run): per-target loss statistics
+        self.target_names = list(getattr(parts.task, "target_names", None) or ["forget"])
+        self.stats = torch.zeros(2, len(self.target_names) + 1, NUM_STATS, device=device)
         self.autocast = lambda: autocast_context(cfg.engine.precision, device)
         # 4. acceleration in its fixed order (attention, checkpointing, compile) and the SFD loss
         #    implementation (reference torch or the fused kernel): engine/accelerate.py decides
@@ -83,6 +86,8 @@ class SFDTrainer:
         self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
         # 5. the backend: optimizers (plain) or two ZeRO engines (deepspeed)
         self.backend = make_backend(self)
+        # 6. stop cleanly on SIGTERM/SIGINT and when every update is skipped (guard.py)
+        self.guard = RunGuard(self)
 
     # ------------------------------------------------------------------ one step
     def fake_score_update(self):
@@ -91,7 +96,7 @@ class SFDTrainer:
             draws = b.draw("fake_score", s.sg_remain_coef, s.sg_forget_coef)
             with self.autocast():
                 loss, stats = self.fake_score_phase_fn(b.phase_generator, b.phase_fake_score, self.schedule, draws,
-                                               s.cfg_train_fake, b.denom)
+                                                       s.cfg_train_fake, b.denom, len(self.target_names))
             b.backward("fake_score", loss)
             self.stats[0] += stats
         b.update("fake_score")
@@ -104,7 +109,8 @@ class SFDTrainer:
                 with self.autocast():
                     loss, stats = self.generator_phase_fn(b.phase_generator, b.fake_score_view, self.teacher,
                                                   self.schedule, draws, s.alpha, s.cfg_eval_fake,
-                                                  s.cfg_eval_real, b.denom, self.loss_fn)
+                                                  s.cfg_eval_real, b.denom, self.loss_fn,
+                                                  len(self.target_names))
                 b.backward("generator", loss)
                 self.stats[1] += stats
         b.update("generator")
@@ -136,13 +142,17 @@ class SFDTrainer:
     def save(self) -> Path:
         state = {"step": self.step, "nimg": self.nimg, "skipped": self.skipped.tolist(),
                  "data_position": {"rng_draws": "in rng.safetensors"}}
-        return self.backend.save(state)
+        path = self.backend.save(state)
+        if self.backend.is_rank0:
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        return path
 
     def resume(self, run_dir: Path):
-        ck = latest_checkpoint(run_dir)
-        state = self.backend.load(ck)
+        from .rundir import load_newest_usable   # the newest checkpoint that verifies and loads
+        state, ck = load_newest_usable(self.backend, run_dir)
         self.step, self.nimg = state["step"], state["nimg"]
         self.skipped.copy_(torch.tensor(state["skipped"], device=self.device))
+        self.guard.prev.copy_(self.skipped)
         if self.backend.is_rank0:
             log.info("resumed from %s at step %d (%s backend)", ck, self.step, self.backend.name)
 
@@ -157,17 +167,11 @@ class SFDTrainer:
         skipped = self.skipped.tolist()
         dt = max(time.time() - t0, 1e-9)
         batch = self.cfg.train.batch_size
-        def mean(row, s_idx, n_idx):
-            return st[row][s_idx] / st[row][n_idx] if st[row][n_idx] else float("nan")
         rec = {
             "step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
             "samples_per_s": steps_in_tick * 2 * batch / dt,   # remain + forget rows per step
             "sec_per_kimg": dt / max(steps_in_tick * batch / 1000, 1e-9),
-            "fake_score_loss/remain": mean(0, STAT_REMAIN_SUM, STAT_REMAIN_N),
-            "fake_score_loss/forget": mean(0, STAT_FORGET_SUM, STAT_FORGET_N),
-            "generator_loss/remain": mean(1, STAT_REMAIN_SUM, STAT_REMAIN_N),
-            "generator_loss/forget": mean(1, STAT_FORGET_SUM, STAT_FORGET_N),
-            "nonfinite_rows": st[0][STAT_NONFINITE] + st[1][STAT_NONFINITE],
+            **tick_losses(st, self.target_names),    # {net}_loss/remain, /forget[, /forget/<target>]
             "skipped_updates/fake_score": skipped[0], "skipped_updates/generator": skipped[1],
             **peak_memory(self.device),     # peaks since the last tick (reset below on CUDA)
             **gpu_telemetry(self.device),   # {} without a GPU
@@ -198,18 +202,39 @@ class SFDTrainer:
             with torch.compiler.set_stance("force_eager"):
                 self.parts.save_grid(gen, self.run_dir / "samples" / name)
 
+    def evaluate_during(self) -> dict:
+        """The family's evaluation on its fixed sample set (parts.evaluate_during), as a stats.jsonl
+        record {"step", "time", "eval/<metric>": value}; collective under DeepSpeed, rank 0 writes."""
+        if self.parts.evaluate_during is None or self.run_dir is None:
+            return {}
+        gen = self.backend.sampling_generator()
+        if not self.backend.is_rank0:
+            return {}
+        with torch.compiler.set_stance("force_eager"):   # other batch sizes: no new compiled graph
+            metrics = self.parts.evaluate_during(gen)
+        rec = {"step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
+               **{f"eval/{k}": v for k, v in metrics.items()}}
+        with open(self.run_dir / "stats.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return rec
+
     def train(self, total_steps: int | None = None) -> list[dict]:
         cfg = self.cfg.train
         total = total_steps or cfg.total_steps
         records = []
+        eval_every = self.cfg.eval.every if self.cfg.eval.enabled else 0
         if self.step == 0:
             self.save_grid("step-00000000.png")
+            if eval_every:
+                self.evaluate_during()
         show_bar = cfg.progress and sys.stderr.isatty() and self.backend.is_rank0
         bar = tqdm(total=total, initial=self.step, desc="SFD", unit="step", dynamic_ncols=True) if show_bar else None
         reset_peak_memory(self.device)
         t0, tick_start = time.time(), self.step
         while self.step < total:
             self.train_step()
+            self.guard.after_step()
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == total:
@@ -218,8 +243,12 @@ class SFDTrainer:
                 t0, tick_start = time.time(), self.step
             if self.step % cfg.sample_every == 0 or self.step == total:
                 self.save_grid(f"step-{self.step:08d}.png")
-            if self.step % cfg.checkpoint_every == 0 or self.step == total:
+            if eval_every and (self.step % eval_every == 0 or self.step == total):
+                self.evaluate_during()
+            saved = self.step % cfg.checkpoint_every == 0 or self.step == total
+            if saved:
                 self.save()
+            self.guard.check(saved, final=self.step == total)
         if bar is not None:
             bar.close()
         self.backend.finish()

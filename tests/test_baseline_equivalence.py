@@ -23,7 +23,7 @@ if str(BENCH) not in sys.path:
 
 import sd_parts  # noqa: E402
 from baseline_step import BaselineSFD, BranchDraws  # noqa: E402
-from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase, STAT_FORGET_SUM, STAT_REMAIN_SUM  # noqa: E402
+from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase, STAT_SUM  # noqa: E402
 from sfd_fast.conditions import PhaseConditions  # noqa: E402
 
 B = 2
@@ -101,8 +101,8 @@ def test_fake_score_phase_matches_baseline(setup):
     r, f = _branches(sd, ir, jf, z, noise, t)
     l_r, l_f = base.fake_score_round(r, 1.0), base.fake_score_round(f, 1.0)
     assert loss.item() == pytest.approx(l_r + l_f, rel=1e-4)
-    assert stats[STAT_REMAIN_SUM].item() / B == pytest.approx(l_r, rel=1e-4)
-    assert stats[STAT_FORGET_SUM].item() / B == pytest.approx(l_f, rel=1e-4)
+    assert stats[0, STAT_SUM].item() / B == pytest.approx(l_r, rel=1e-4)
+    assert stats[1, STAT_SUM].item() / B == pytest.approx(l_f, rel=1e-4)
     _close_grads(list(tr.fake_score.net.parameters()), list(base.fake_score.parameters()))
 
 
@@ -122,8 +122,8 @@ def test_generator_phase_matches_baseline(setup):
     l_r, l_f = base.generator_round(r, 1.0), base.generator_round(f, 1.0)
     base.fake_score.requires_grad_(True)
     assert loss.item() == pytest.approx(l_r + l_f, rel=1e-4)
-    assert stats[STAT_REMAIN_SUM].item() / B == pytest.approx(l_r, rel=1e-4)
-    assert stats[STAT_FORGET_SUM].item() / B == pytest.approx(l_f, rel=1e-4)
+    assert stats[0, STAT_SUM].item() / B == pytest.approx(l_r, rel=1e-4)
+    assert stats[1, STAT_SUM].item() / B == pytest.approx(l_f, rel=1e-4)
     _close_grads(list(tr.generator.net.parameters()), list(base.G.parameters()))
 
 

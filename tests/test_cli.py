@@ -25,3 +25,12 @@ def test_train_script_help_runs_as_a_script():
     out = subprocess.run([sys.executable, str(ROOT / "sfd_fast" / "train.py"), "--help"], capture_output=True,
                          text=True, cwd=str(ROOT / "configs"), timeout=120)
     assert out.returncode == 0 and "--config" in out.stdout
+
+
+def test_sample_on_a_family_without_a_sampler_says_so(tmp_path):
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "digits"}}))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", "--run", str(tmp_path)])
+    assert e.value.code == 2   # a user error: status 2, the message on stderr and in the exception
+    assert "'digits' run" in str(e.value) and "stable_diffusion" in str(e.value)

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "sfd_fast"
 CORE = ("schedules", "losses", "denoisers", "generator", "step", "conditions", "config", "checkpoint")
-FAMILIES = ("digits", "sd")
+FAMILIES = ("digits", "sd", "ddpm")
 
 
 def _module_name(path: Path) -> str:
@@ -127,7 +127,7 @@ def test_every_family_and_command_entry_resolves():
     from sfd_fast.cli import COMMANDS
     from sfd_fast.families import FAMILIES as TABLE, resolve
     for fam in TABLE.values():
-        for ref in (fam.build, fam.checks, fam.evaluate):
+        for ref in (fam.build, fam.checks, fam.evaluate, fam.sample, fam.export):
             if ref:
                 assert callable(resolve(ref)), ref
     for ref, _ in COMMANDS.values():

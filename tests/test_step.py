@@ -7,7 +7,7 @@ from sfd_fast.denoisers import ClassCondDenoiser, FrozenView
 from sfd_fast.generator import OneStepGenerator
 from sfd_fast.digits.model import DigitsEpsMLP
 from sfd_fast.schedules import VPSchedule
-from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase
+from sfd_fast.step import STAT_N, STAT_NONFINITE, PhaseDraws, fake_score_phase, generator_phase
 from sfd_fast.conditions import ClassForgetTask
 
 
@@ -118,5 +118,5 @@ def test_nan_row_is_masked_in_stats_and_loss():
     d.z[2] = float("nan")
     loss, stats = generator_phase(gen, FrozenView(fake), teacher, teacher.schedule, d, 1.2, 1.0, 1.0, 4.0)
     assert torch.isfinite(loss)
-    assert stats[4].item() == 1.0  # one non-finite row
-    assert stats[1].item() == 3.0 and stats[3].item() == 4.0  # finite remain / forget rows
+    assert stats[:, STAT_NONFINITE].tolist() == [1.0, 0.0]  # one non-finite row, a remain one
+    assert stats[0, STAT_N].item() == 3.0 and stats[1, STAT_N].item() == 4.0  # finite remain / forget rows

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import generator_weights_file
+from ..checkpoint import check_finite, generator_weights_file
 from ..conditions import ClassForgetTask
 from ..config import Config
 from ..denoisers import ClassCondDenoiser
@@ -15,6 +15,7 @@ from ..evaluation.grid import save_image_grid
 from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
 from ..trainer import RunParts
+from ..conditions import forget_targets
 from .model import DigitsEpsMLP
 from .pretrain import get_digits_teacher
 
@@ -34,7 +35,13 @@ def load_generator_init(cfg: Config, teacher_net: DigitsEpsMLP) -> DigitsEpsMLP:
         path = Path(cfg.model.generator_init)
         if path.is_dir():  # a run directory or checkpoint folder: its EMA (else raw) generator
             path = generator_weights_file(path)
-        net.load_state_dict(load_file(str(path)))
+        try:
+            state = load_file(str(path))
+            net.load_state_dict(state)
+        except Exception as e:   # not safetensors / another architecture: name the key and the file
+            raise ValueError(f"model.generator_init {path}: cannot load as a digits generator with hidden="
+                             f"{cfg.model.hidden}, blocks={cfg.model.blocks} ({str(e).splitlines()[0][:300]})") from None
+        check_finite(state, f"model.generator_init {path}")
     return net
 
 
@@ -52,7 +59,8 @@ def build_parts(cfg: Config) -> RunParts:
     fake_score = ClassCondDenoiser(copy.deepcopy(teacher_net), make_schedule(cfg), s.num_classes)
     gen_net = load_generator_init(cfg, teacher_net)
     generator = OneStepGenerator(ClassCondDenoiser(gen_net, make_schedule(cfg), s.num_classes), s.t_init)
-    task = ClassForgetTask(s.num_classes, s.forget_class, s.override, s.override_class)
+    forget, overrides = forget_targets(s)
+    task = ClassForgetTask(s.num_classes, forget, s.override, overrides or s.override_class)
 
     def save_grid(gen: OneStepGenerator, path: Path, per_row: int = 12):
         device = next(gen.parameters()).device

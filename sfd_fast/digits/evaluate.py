@@ -1,8 +1,10 @@
 """Digits unlearning evaluation (written to eval.json).
 
 - ua: share of one-step samples conditioned on the forgotten digit that the classifier does NOT
-  call the forgotten digit (unlearning accuracy, as the reference's ua_ddpm.py).
-- retained_accuracy: classifier accuracy on one-step samples of the other digits.
+  call the forgotten digit (unlearning accuracy, as the reference's ua_ddpm.py); with several
+  forgotten digits, `ua` is their mean and `ua_per_class` gives each.
+- retained_accuracy: classifier accuracy on one-step samples of the digits that are not forgotten
+  (`retained_accuracy_per_class` gives each).
 - fd_final / fd_init / fd_teacher: Frechet distance between the classifier's penultimate features
   of the real remaining digits and of samples from the final one-step generator, the initial
   one-step generator, and the teacher with 50 DDIM steps (same labels, same count).
@@ -47,46 +49,96 @@ def ddim_sample(teacher: Denoiser, labels: torch.Tensor, steps: int, seed: int, 
     return x
 
 
+def _as_list(classes) -> list[int]:
+    return [int(c) for c in (classes if isinstance(classes, (list, tuple)) else [classes])]
+
+
+def _one_step(gen, labels, seed):
+    g = torch.Generator(device=labels.device).manual_seed(seed)
+    z = torch.randn((labels.shape[0], 1, 8, 8), generator=g, device=labels.device)
+    return gen(z, labels).clamp(-1, 1)
+
+
 @torch.no_grad()
-def evaluate_digits(classifier, final_gen, init_gen, teacher: Denoiser, forget_class: int,
+def forgetting_metrics(classifier, gen, forget_classes, num_classes: int, samples_per_class: int,
+                       seed: int, real_feats=None) -> tuple[dict, torch.Tensor]:
+    """UA per forgotten class and retained accuracy (overall and per class) of one-step samples from
+    fixed seeds; with `real_feats`, also fd (Frechet distance of the remain samples' features).
+    Returns (metrics, the remain samples' labels)."""
+    forget = _as_list(forget_classes)
+    device = next(gen.parameters()).device
+    remain = [c for c in range(num_classes) if c not in forget]
+    labels_remain = torch.tensor(remain, device=device).repeat_interleave(samples_per_class)
+    labels_forget = torch.tensor(forget, device=device).repeat_interleave(samples_per_class)
+    pred_forget = classifier(_one_step(gen, labels_forget, seed)).argmax(1).view(len(forget), -1)
+    x_remain = _one_step(gen, labels_remain, seed + 1)
+    correct = (classifier(x_remain).argmax(1) == labels_remain).float()
+    ua = {str(c): float((pred_forget[i] != c).float().mean()) for i, c in enumerate(forget)}
+    out = {"ua": float(np.mean(list(ua.values()))), "ua_per_class": ua,
+           "retained_accuracy": float(correct.mean()),
+           "retained_accuracy_per_class": {str(c): float(v) for c, v in
+                                           zip(remain, correct.view(len(remain), -1).mean(1).tolist())},
+           "forget_samples_predicted_as": {str(c): np.bincount(pred_forget[i].cpu().numpy(),
+                                                               minlength=num_classes).tolist()
+                                           for i, c in enumerate(forget)}}
+    if real_feats is not None:
+        out["fd"] = frechet_distance(real_feats, classifier.features(x_remain).cpu().numpy())
+    return out, labels_remain
+
+
+def remain_real_features(classifier, forget_classes, device):
+    """The classifier's penultimate features of the real digits that are not forgotten."""
+    x_real, y_real = load_digits_tensors()
+    keep = ~torch.isin(y_real, torch.tensor(_as_list(forget_classes)))
+    return classifier.features(x_real[keep].to(device)).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_digits(classifier, final_gen, init_gen, teacher: Denoiser, forget_classes,
                     num_classes: int, samples_per_class: int, teacher_steps: int, seed: int = 7) -> dict:
+    """eval.json metrics (module docstring); `forget_classes` is a class or a list of classes."""
     device = next(final_gen.parameters()).device
     classifier = classifier.to(device)
-    x_real, y_real = load_digits_tensors()
-    keep = y_real != forget_class
-    real_feats = classifier.features(x_real[keep].to(device)).cpu().numpy()
-
-    remain = [c for c in range(num_classes) if c != forget_class]
-    labels_remain = torch.tensor(remain, device=device).repeat_interleave(samples_per_class)
-    labels_forget = torch.full((samples_per_class,), forget_class, device=device, dtype=torch.long)
-
-    def gen_samples(gen, labels, s):
-        g = torch.Generator(device=device).manual_seed(s)
-        z = torch.randn((labels.shape[0], 1, 8, 8), generator=g, device=device)
-        return gen(z, labels).clamp(-1, 1)
+    real_feats = remain_real_features(classifier, forget_classes, device)
+    final, labels_remain = forgetting_metrics(classifier, final_gen, forget_classes, num_classes,
+                                              samples_per_class, seed, real_feats)
+    if len(_as_list(forget_classes)) == 1:   # single target: the per-class histogram as before
+        final["forget_samples_predicted_as"] = next(iter(final["forget_samples_predicted_as"].values()))
 
     def feats(x):
         return classifier.features(x).cpu().numpy()
 
-    x_forget = gen_samples(final_gen, labels_forget, seed)
-    pred_forget = classifier(x_forget).argmax(1)
-    x_remain = gen_samples(final_gen, labels_remain, seed + 1)
-    pred_remain = classifier(x_remain).argmax(1)
-    x_init = gen_samples(init_gen, labels_remain, seed + 1)
+    x_init = _one_step(init_gen, labels_remain, seed + 1)
     x_teacher = ddim_sample(teacher, labels_remain, teacher_steps, seed + 2).clamp(-1, 1)
-    forget_pred_hist = np.bincount(pred_forget.cpu().numpy(), minlength=num_classes).tolist()
     return {
-        "ua": float((pred_forget != forget_class).float().mean()),
-        "retained_accuracy": float((pred_remain == labels_remain).float().mean()),
-        "fd_final": frechet_distance(real_feats, feats(x_remain)),
+        **final,
+        "fd_final": final.pop("fd"),
         "fd_init": frechet_distance(real_feats, feats(x_init)),
         "fd_teacher": frechet_distance(real_feats, feats(x_teacher)),
-        "forget_samples_predicted_as": forget_pred_hist,
         "init_retained_accuracy": float((classifier(x_init).argmax(1) == labels_remain).float().mean()),
         "teacher_retained_accuracy": float((classifier(x_teacher).argmax(1) == labels_remain).float().mean()),
         "samples_per_class": samples_per_class,
         "teacher_ddim_steps": teacher_steps,
     }
+
+
+def make_evaluate_during(cfg, parts, device):
+    """The digits evaluation during training (eval.every): UA per forgotten digit, retained accuracy
+    and FD on `eval.during_samples_per_class` fixed-seed samples per class; -> callable(generator)."""
+    from ..conditions import forget_targets
+    from .pretrain import get_digits_classifier
+
+    classifier = get_digits_classifier(cfg)[0].to(device)
+    forget = forget_targets(cfg.sfd)[0]
+    real_feats = remain_real_features(classifier, forget, device)
+
+    @torch.no_grad()
+    def evaluate(gen) -> dict:
+        m, _ = forgetting_metrics(classifier, gen, forget, cfg.sfd.num_classes,
+                                  cfg.eval.during_samples_per_class, seed=11, real_feats=real_feats)
+        out = {f"ua/{c}": v for c, v in m["ua_per_class"].items()}
+        return {**out, "retained_accuracy": m["retained_accuracy"], "fd": m["fd"]}
+    return evaluate
 
 
 def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
@@ -99,7 +151,8 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
     init_net = load_generator_init(cfg, parts.teacher.net).to(device)
     init_gen = OneStepGenerator(ClassCondDenoiser(init_net, make_schedule(cfg).to(device), cfg.sfd.num_classes),
                                 cfg.sfd.t_init)
-    metrics = evaluate_digits(clf, trainer.generator_ema, init_gen, trainer.teacher, cfg.sfd.forget_class,
+    from ..conditions import forget_targets
+    metrics = evaluate_digits(clf, trainer.generator_ema, init_gen, trainer.teacher, forget_targets(cfg.sfd)[0],
                               cfg.sfd.num_classes, cfg.eval.samples_per_class, cfg.eval.teacher_steps)
     metrics["classifier_accuracy"] = clf_meta["heldout_accuracy"]
     metrics["step"] = trainer.step

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write_text, save_safetensors_atomic
+from ..checkpoint import atomic_write_text, check_finite, save_safetensors_atomic
 from ..config import Config
 from ..schedules import VPSchedule
 from .data import load_digits_tensors, train_test_split
@@ -126,6 +126,7 @@ def get_digits_teacher(cfg: Config) -> tuple[DigitsEpsMLP, Path]:
         raise ValueError(f"model.teacher {path}: cannot load as a digits teacher with hidden="
                          f"{cfg.model.hidden}, blocks={cfg.model.blocks} ({e}); point model.teacher at a "
                          "matching checkpoint or use 'auto'") from e
+    check_finite(net.state_dict(), f"model.teacher {path}")   # a NaN teacher would skip every update
     return net, path
 
 

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write_text, publish_checkpoint_dir, save_safetensors_atomic
+from ..checkpoint import (atomic_write_text, check_finite, crash_point, publish_checkpoint_dir,
+                          save_safetensors_atomic)
 from ..conditions import PhaseConditions
-from ..denoisers import FrozenView
+from ..denoisers import FrozenView, frozen_parameters, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
 from .distributed import barrier, build_deepspeed_config, validate_world
 from .optim import NonfiniteGuard, make_optimizer
@@ -77,7 +78,7 @@ def _slice_draws(d: PhaseDraws, idx: torch.Tensor) -> PhaseDraws:
     c = d.cond
     pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
     cond = PhaseConditions(pick(c.generator_cond), pick(c.fake_cond), pick(c.teacher_cond),
-                           pick(c.fake_uncond), pick(c.teacher_uncond), pick(c.is_forget))
+                           pick(c.fake_uncond), pick(c.teacher_uncond), pick(c.is_forget), pick(c.target))
     return PhaseDraws(pick(d.z), pick(d.noise), pick(d.t), cond, pick(d.coef))
 
 
@@ -131,7 +132,9 @@ class DeepSpeedBackend:
         self.phase_generator = self.engine_G
         self.phase_fake_score = _EngineOutput(self.engine_F)
         # generator phase view of the fake score (see the module docstring)
-        self.fake_score_view = _ModuleX0(t.fake_score) if self.zero_stage == 3 else FrozenView(t.fake_score)
+        # (ZeRO-3 and diffusers activation checkpointing: requires_grad off for the generator phase)
+        self.freeze_fake_score = self.zero_stage == 3 or needs_frozen_parameters(t.fake_score)
+        self.fake_score_view = _ModuleX0(t.fake_score) if self.freeze_fake_score else FrozenView(t.fake_score)
         self._ds_skips_seen = {r: 0 for r in ROLES}
         if self.is_rank0:
             log.info("deepspeed: world %d, ZeRO-%d, %s, optimizer %s, micro batch %d x accumulation %d x "
@@ -168,19 +171,10 @@ class DeepSpeedBackend:
             self.trainer.skipped[ROLES.index(role)] += now - seen
             self._ds_skips_seen[role] = now
 
-    @contextlib.contextmanager
     def generator_phase(self):
-        if self.zero_stage != 3:
-            yield
-            return
-        params = list(self.trainer.fake_score.parameters())
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+        if self.freeze_fake_score:
+            return frozen_parameters(self.trainer.fake_score)
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def ema_pairs(self):
@@ -259,6 +253,7 @@ class DeepSpeedBackend:
         barrier()
         self.engine_G.save_checkpoint(str(tmp / "ds_generator"), tag="state", save_latest=False)
         self.engine_F.save_checkpoint(str(tmp / "ds_fake_score"), tag="state", save_latest=False)
+        crash_point("ds_after_engine_save", t.step)   # fault-injection hook (tests); a no-op otherwise
         weights = {"generator": self._full_fp32(t.generator.net), "fake_score": self._full_fp32(t.fake_score.net)}
         if t.ema_enabled:
             weights["generator_ema"] = {k: v.detach().float() for k, v in t.generator_ema.net.state_dict().items()}
@@ -291,6 +286,10 @@ class DeepSpeedBackend:
         if state["world_size"] != self.world or state["zero_stage"] != self.zero_stage:
             raise RuntimeError(f"{ckpt} was written with world size {state['world_size']} and ZeRO-"
                                f"{state['zero_stage']}; resume with the same (now {self.world}, ZeRO-{self.zero_stage})")
+        for role in ("generator", "fake_score", "generator_ema"):   # the exports mirror the engines' weights
+            f = ckpt / f"{role}.safetensors"
+            if f.is_file():
+                check_finite(load_file(str(f)), f"checkpoint {f}")
         self.engine_G.load_checkpoint(str(ckpt / "ds_generator"), tag="state")
         self.engine_F.load_checkpoint(str(ckpt / "ds_fake_score"), tag="state")
         if t.ema_enabled:

@@ -7,6 +7,8 @@ import threading
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger("sfd_fast")
 
 
@@ -16,8 +18,16 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("device auto -> %s", name)
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
-    return torch.device(name)
+        raise UserError(f"run.device={name!r} but CUDA is not available on this machine; use 'cpu' or 'auto'")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"run.device={name!r} is not a device torch knows; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"run.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"run.device={name!r} but MPS is not available on this machine; use 'cpu' or 'auto'")
+    return device
 
 
 def autocast_context(precision: str, device: torch.device):

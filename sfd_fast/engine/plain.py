@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint, optimizer_from_flat, save_checkpoint
-from ..denoisers import FrozenView
+from ..denoisers import FrozenView, frozen_parameters, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
 from .optim import make_optimizer, nonfinite_flag
 
@@ -44,7 +44,10 @@ class PlainBackend:
         self.denom = cfg.train.batch_size
         self.phase_generator = trainer.generator
         self.phase_fake_score = trainer.fake_score
-        self.fake_score_view = FrozenView(trainer.fake_score)
+        # the fake score inside the generator loss: detached weights (FrozenView), or, where that
+        # cannot work (diffusers activation checkpointing), requires_grad off for the generator phase
+        self.freeze_fake_score = needs_frozen_parameters(trainer.fake_score)
+        self.fake_score_view = trainer.fake_score if self.freeze_fake_score else FrozenView(trainer.fake_score)
         modules = {"fake_score": trainer.fake_score, "generator": trainer.generator}
         self.params = {r: [p for p in modules[r].parameters() if p.requires_grad] for r in ROLES}
         # fused Adam (fp32 master weights), or bitsandbytes 8-bit Adam: engine/optim.py
@@ -80,6 +83,8 @@ class PlainBackend:
         self.trainer.skipped[ROLES.index(role)] += flag
 
     def generator_phase(self):
+        if self.freeze_fake_score:
+            return frozen_parameters(self.trainer.fake_score)
         return contextlib.nullcontext()
 
     @contextlib.contextmanager

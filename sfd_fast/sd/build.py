@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import pickle
@@ -26,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import generator_weights_file
+from ..checkpoint import check_finite, generator_weights_file
 from ..config import Config
 from ..generator import OneStepGenerator
 from ..trainer import RunParts
 from .loading import SDComponents, load_stable_diffusion, sd_denoiser
-from .prompts import ForgetPromptSet, RemainPromptSet
+from .prompts import ForgetPromptSet, RemainPromptSet, forget_sets_from_config, multi_grid_prompts
 from .sampling import make_save_grid
 from .text import TextEncoderCache, TextForgetTask
 
@@ -115,6 +114,7 @@ def make_generator_net(teacher_unet: torch.nn.Module, init: str, trust_pickle: b
     net = copy.deepcopy(teacher_unet)
     state = generator_init_state(init, trust_pickle)
     if state is not None:
+        check_finite(state, f"model.generator_init {init}")
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
@@ -152,17 +152,22 @@ def store_frozen_in_bf16(comps: SDComponents, precision: str) -> torch.dtype:
 
 
 def make_task(cfg: Config, cache: TextEncoderCache, use_cache: bool = True,
-              forget: ForgetPromptSet | None = None) -> TextForgetTask:
+              forget: ForgetPromptSet | list | None = None) -> TextForgetTask:
+    """The TextForgetTask of every concept of the config (prompts.concepts, or the single concept)."""
     pr, s = cfg.prompts, cfg.sfd
     remain = RemainPromptSet.from_path(pr.remain_file)
-    forget = forget or ForgetPromptSet.from_config(pr)
-    return TextForgetTask(cache, remain, forget, pr.use_neg, pr.sid_w_neg, pr.sg_w_override,
+    sets, names, weights = forget_sets_from_config(pr)
+    if forget is not None:
+        sets = list(forget) if isinstance(forget, (list, tuple)) else [forget]
+    return TextForgetTask(cache, remain, sets, pr.use_neg, pr.sid_w_neg, pr.sg_w_override,
                           pr.context_dropout, (s.cfg_train_fake, s.cfg_eval_fake, s.cfg_eval_real),
-                          use_cache=use_cache, seed=cfg.run.seed)
+                          use_cache=use_cache, seed=cfg.run.seed, target_names=names, weights=weights)
 
 
-def grid_prompts(cfg: Config, forget: ForgetPromptSet) -> list[str]:
-    return list(cfg.prompts.grid_prompts) or forget.grid_prompts()
+def grid_prompts(cfg: Config, forget) -> list[str]:
+    """prompts.grid_prompts, else one row block per concept (its forget prompts), then validation."""
+    sets = list(forget) if isinstance(forget, (list, tuple)) else [forget]
+    return list(cfg.prompts.grid_prompts) or multi_grid_prompts(sets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,8 +184,10 @@ def build_parts(cfg: Config) -> RunParts:
     # cheap input checks before loading any weights (config.validate ran them for load_config users)
     if m.generator_init.lower().endswith((".pkl", ".pickle")) and not m.trust_pickle:
         generator_init_state(m.generator_init, trust_pickle=False)  # raises the explanatory error
-    task_prompts = ForgetPromptSet.from_config(pr)
+    task_prompts = forget_sets_from_config(pr)[0]   # one ForgetPromptSet per concept
 
+    from .evaluate import load_scorer
+    clip_scorer = load_scorer(cfg, device)   # a CLIP model that does not load stops the run here
     comps = load_sd_components(cfg, device)
     shape = sample_shape(comps, pr.resolution)
     if not 0 <= s.t_init < comps.schedule.num_timesteps or s.t_max > comps.schedule.num_timesteps:
@@ -188,6 +195,7 @@ def build_parts(cfg: Config) -> RunParts:
                          f"{comps.schedule.num_timesteps} timesteps")
 
     teacher_unet = comps.unet  # frozen by load_stable_diffusion
+    check_finite(teacher_unet.state_dict(), f"model.pretrained {comps.source} (unet)")  # NaN: every update skipped
     fake_unet = copy.deepcopy(teacher_unet).requires_grad_(True)
     gen_unet = make_generator_net(teacher_unet, m.generator_init, m.trust_pickle)
     frozen_dtype = store_frozen_in_bf16(comps, cfg.engine.precision)  # after the trained copies: fp32 masters
@@ -198,15 +206,16 @@ def build_parts(cfg: Config) -> RunParts:
     cache = TextEncoderCache(comps.text_encoder, comps.tokenizer, device)
     grid = grid_prompts(cfg, task_prompts)
     # warn about truncated fixed prompts now, before training (remain captions: on first use)
-    cache.warn_if_truncated(task_prompts.all_prompts() + grid)
+    cache.warn_if_truncated([p for f in task_prompts for p in f.all_prompts()] + grid)
     task = make_task(cfg, cache, forget=task_prompts)
     cache.pin(grid)
     save_grid = make_save_grid(comps, cache, grid, pr.grid_per_prompt, shape)
-    log.info("stable diffusion: %s (%s), latents %s, %d remain / %d forget pairs, %d grid prompts, frozen "
-             "nets in %s", comps.source, comps.prediction, shape, len(task.remain), len(task.forget), len(grid),
+    log.info("stable diffusion: %s (%s), latents %s, %d remain prompts, forget pairs %s, %d grid prompts, "
+             "frozen nets in %s", comps.source, comps.prediction, shape, len(task.remain),
+             ", ".join(f"{n!r}: {len(f)}" for n, f in zip(task.target_names, task.forget_sets)), len(grid),
              frozen_dtype)
     return RunParts(task, teacher, fake_score, generator, shape, save_grid,
-                    {"components": comps, "text_cache": cache, "grid_prompts": grid})
+                    {"components": comps, "text_cache": cache, "grid_prompts": grid, "clip_scorer": clip_scorer})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,18 +223,12 @@ def build_parts(cfg: Config) -> RunParts:
 # ---------------------------------------------------------------------------------------------------
 
 def run_config(run_dir: Path):
-    """The run's resolved config.json (types checked; prompt files are not re-validated here)."""
-    from ..config import ConfigError, _build
-    f = Path(run_dir) / "config.json"
-    if not f.is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json; is it a sfd-fast run directory?")
+    """The stable_diffusion run's config.json, or a one-line error."""
+    from ..config import ConfigError, read_run_config
     try:
-        cfg = _build(Config, json.loads(f.read_text()), "", str(f))
+        return read_run_config(run_dir, "stable_diffusion")
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if cfg.model.kind != "stable_diffusion":
-        raise SystemExit(f"error: {run_dir} is a {cfg.model.kind!r} run; sample/export are for stable_diffusion runs")
-    return cfg
 
 
 def generator_weights(run_dir: Path, checkpoint: str | None = None, raw: bool = False) -> tuple[dict, str]:

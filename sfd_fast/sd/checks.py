@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from .loading import REQUIRED_PARTS
-from .prompts import REMAIN_FILES, ForgetPromptSet
+from .prompts import REMAIN_FILES, concept_specs, forget_sets_from_config
 
 
 def _sd_pretrained_problem(pretrained: str) -> str | None:
@@ -38,6 +39,12 @@ def _sd_pretrained_problem(pretrained: str) -> str | None:
 
 
 def _first_prompt_line(path: Path) -> bool:
+    from .prompts import read_prompt_file
+    try:
+        read_prompt_file(path, "remain prompts")   # names the file when it is not UTF-8
+    except ValueError as e:
+        if "UTF-8" in str(e):
+            raise UserError(f"prompts.remain_file: {e}") from None
     with open(path, encoding="utf-8") as f:
         return any(line.strip() for line in f)
 
@@ -66,20 +73,11 @@ def validate(cfg, bad) -> None:
         bad("prompts.remain_file", f"= {str(rp)!r} does not exist (expected a text file, one prompt per line)")
     if not _first_prompt_line(rp):
         bad("prompts.remain_file", f"= {str(rp)!r} is empty (expected one prompt per line)")
-    if not pr.forget_file and not pr.concept_to_forget:
-        bad("prompts.forget_file", "is empty and so is prompts.concept_to_forget; give the forget prompt "
-            "file (prompts naming the concept) or at least the concept")
-    try:
-        forget = ForgetPromptSet.from_config(pr)
-    except FileNotFoundError as e:
-        bad("prompts", f"names a missing prompt file: {e}")
-    except ValueError as e:
-        key = "prompts.concept_to_forget" if "concept" in str(e) else "prompts"
-        bad(key, f"is invalid: {e}")
+    forget = validate_concepts(pr, bad)
     if len(pr.use_neg) != 3 or not all(isinstance(u, bool) for u in pr.use_neg):
         bad("prompts.use_neg", f"must be three booleans (kappa1 fake-train, kappa2 fake-eval, kappa4 "
             f"teacher), got {pr.use_neg!r}")
-    if pr.sid_w_neg and not forget.has_neg:
+    if pr.sid_w_neg and not forget[0].has_neg:
         bad("prompts.sid_w_neg", "is true but prompts.neg_file is not set; give a negative prompt file")
     if not 0 <= pr.context_dropout < 1:
         bad("prompts.context_dropout", f"must be in [0, 1), got {pr.context_dropout}")
@@ -89,3 +87,61 @@ def validate(cfg, bad) -> None:
         bad("prompts.grid_prompts", "must be a list of strings")
     if pr.grid_per_prompt < 1:
         bad("prompts.grid_per_prompt", f"must be >= 1, got {pr.grid_per_prompt}")
+    validate_clip(cfg, bad)
+
+
+def validate_concepts(pr, bad) -> list:
+    """The forget concepts (prompts.concepts, or the single-concept keys): distinct names, positive
+    weights, prompt files that exist and name their concept. Returns their ForgetPromptSets."""
+    key = "prompts.concepts" if pr.concepts else "prompts"
+    if pr.concepts and (pr.concept_to_forget or pr.forget_file):
+        bad("prompts.concepts", "is set together with prompts.concept_to_forget / prompts.forget_file; "
+            "put every concept in prompts.concepts (the single-concept keys mean a list of one)")
+    try:
+        specs = concept_specs(pr)
+    except ValueError as e:
+        bad("prompts.concepts", str(e))
+    for i, c in enumerate(specs):
+        where = f"prompts.concepts[{i}]" if pr.concepts else "prompts"
+        if not c["forget_file"] and not c["concept_to_forget"]:
+            bad(f"{where}.forget_file", "is empty and so is concept_to_forget; give the forget prompt "
+                "file (prompts naming the concept) or at least the concept")
+        w = c["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            bad(f"{where}.weight", f"must be a positive number, got {w!r}")
+    names = [c["name"].lower() for c in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        bad(key, f"names the concept(s) {repeated} more than once; each concept to forget must be distinct")
+    try:
+        return forget_sets_from_config(pr)[0]
+    except FileNotFoundError as e:
+        bad(key, f"names a missing prompt file: {e}")
+    except ValueError as e:
+        bad(f"{key}.concept_to_forget" if "concept" in str(e) else key, f"is invalid: {e}")
+
+
+def validate_clip(cfg, bad) -> None:
+    """eval.clip_model: a local CLIP folder must hold a CLIP config (a hub id is checked on loading,
+    which build_parts does before training)."""
+    if cfg.eval.every:
+        bad("eval.every", "is set, but the stable_diffusion family has no evaluation during training (its "
+            "CLIP evaluation runs once at the end, with eval.clip_model); set eval.every to 0")
+    clip = cfg.eval.clip_model
+    if not clip or not cfg.eval.enabled:
+        return
+    p = Path(clip).expanduser()
+    looks_local = p.exists() or clip.startswith((".", "/", "~")) or len(Path(clip).parts) != 2
+    if not looks_local:
+        return
+    if not (p / "config.json").is_file():
+        bad("eval.clip_model", f"= {clip!r} is not a CLIP model folder (no config.json there); give a folder "
+            "written by transformers CLIPModel.save_pretrained (with its tokenizer) or a hub id such as "
+            "'openai/clip-vit-large-patch14', or leave it empty to skip the CLIP evaluation")
+    import json
+    try:
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        bad("eval.clip_model", f"= {clip!r}: config.json is not valid JSON ({e})")
+    if model_type != "clip":
+        bad("eval.clip_model", f"= {clip!r} holds a {model_type!r} model, not a CLIP model (model_type 'clip')")

@@ -96,7 +96,11 @@ def _load_scheduler_config(src: str, local: bool) -> dict:
         f = Path(src) / "scheduler" / "scheduler_config.json"
         if not f.is_file():
             raise FileNotFoundError(f"{str(f)!r} not found: the scheduler folder of {src!r} has no config.")
-        return json.loads(f.read_text(encoding="utf-8"))
+        try:
+            return json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{str(f)!r} is not a valid scheduler config ({e}); restore it from the model's "
+                             "original files") from None
     from diffusers import DDPMScheduler
     return dict(DDPMScheduler.load_config(src, subfolder="scheduler"))
 
@@ -159,6 +163,16 @@ def load_stable_diffusion(pretrained: str, device="cpu", dtype: torch.dtype = to
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r}; expected one of {ATTENTION}")
     src, local = _check_pretrained(str(pretrained))
+    try:
+        return _load_components(src, local, device, dtype, variant, attention)
+    except OSError as e:   # offline / unknown hub id, an empty or broken component folder
+        where = f"the hub id {src!r} (no network or no such model?)" if not local else f"the folder {src!r}"
+        raise FileNotFoundError(f"model.pretrained: cannot load Stable Diffusion from {where}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. Point "
+                                "model.pretrained at a complete local diffusers folder") from None
+
+
+def _load_components(src: str, local: bool, device, dtype, variant, attention) -> "SDComponents":
     scheduler_config = _load_scheduler_config(src, local)
     schedule = schedule_from_config(scheduler_config, src).to(device)
 

@@ -30,7 +30,11 @@ def read_prompt_file(path, what: str = "prompts", max_lines: int | None = None) 
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {str(p)!r} does not exist (expected a text file with one prompt per line)")
-    lines = [ln.rstrip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [ln.rstrip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} file {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                         "save it as UTF-8") from None
     prompts = [ln for ln in lines if ln]
     if not prompts:
         raise ValueError(f"{what} file {str(p)!r} is empty (expected one prompt per line)")
@@ -193,3 +197,56 @@ class ForgetPromptSet:
         """Every distinct fixed prompt (forget, override, neg, ""), e.g. to pin in the text cache.
         Keyword-augmented forget prompts are not included (they are formed at sample time)."""
         return list(dict.fromkeys(["", *self.forget_prompts, *self.override_prompts, *self.neg_prompts]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# several concepts in one run (prompts.concepts)
+# ---------------------------------------------------------------------------------------------------
+
+CONCEPT_KEYS = ("name", "concept_to_forget", "concept_to_override", "forget_file", "override_file",
+                "val_file", "weight")
+
+
+def concept_specs(pr) -> list[dict]:
+    """The forget targets of a config.PromptsConfig as dicts with every CONCEPT_KEYS key: the entries
+    of `prompts.concepts`, or the single-concept keys as a list of one. A concept without its own
+    val_file uses prompts.val_file; `name` (stats, grids, eval) defaults to the concept itself."""
+    raw = list(pr.concepts) or [{"concept_to_forget": pr.concept_to_forget,
+                                 "concept_to_override": pr.concept_to_override,
+                                 "forget_file": pr.forget_file, "override_file": pr.override_file,
+                                 "val_file": pr.val_file}]
+    specs = []
+    for i, c in enumerate(raw):
+        if not isinstance(c, dict):
+            raise ValueError(f"prompts.concepts[{i}] must be an object with keys {', '.join(CONCEPT_KEYS)}")
+        unknown = sorted(set(c) - set(CONCEPT_KEYS) - {k for k in c if k.startswith("_")})
+        if unknown:
+            raise ValueError(f"prompts.concepts[{i}] has unknown key(s) {unknown}; known: {', '.join(CONCEPT_KEYS)}")
+        spec = {"concept_to_forget": "", "concept_to_override": "", "forget_file": "", "override_file": "",
+                "val_file": pr.val_file, "weight": 1.0, **{k: v for k, v in c.items() if not k.startswith("_")}}
+        spec["name"] = spec.get("name") or spec["concept_to_forget"] or Path(spec["forget_file"] or f"concept{i}").stem
+        specs.append(spec)
+    return specs
+
+
+def forget_sets_from_config(pr) -> tuple[list[ForgetPromptSet], list[str], list[float]]:
+    """(one ForgetPromptSet per concept, names, weights); pos / neg prompt files are shared."""
+    sets = []
+    specs = concept_specs(pr)
+    for s in specs:
+        override = s["concept_to_override"] if (s["concept_to_override"] or not s["concept_to_forget"]) else None
+        sets.append(ForgetPromptSet.from_files(s["forget_file"] or None, s["concept_to_forget"], override,
+                                               s["override_file"] or None, pr.pos_file or None,
+                                               pr.neg_file or None, s["val_file"] or None))
+    return sets, [s["name"] for s in specs], [float(s["weight"]) for s in specs]
+
+
+def multi_grid_prompts(sets: list[ForgetPromptSet], n_forget: int = 8, n_total: int = 16) -> list[str]:
+    """Snapshot-grid prompts, one row block per concept: its first n_forget / K forget prompts, then
+    the validation prompts of all concepts. One concept: ForgetPromptSet.grid_prompts."""
+    if len(sets) == 1:
+        return sets[0].grid_prompts(n_forget, n_total)
+    per = max(1, n_forget // len(sets))
+    forget = [p for s in sets for p in s.forget_prompts[:per]]
+    val = list(dict.fromkeys(p for s in sets for p in s.val_prompts))
+    return (forget + val)[:max(n_total, len(forget))]

@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..conditions import PhaseConditions
+from ..conditions import PhaseConditions, forget_row_targets
 from ..engine.device import host_side, host_to_device
 from .prompts import ForgetPromptSet, RemainPromptSet
 
@@ -198,7 +198,9 @@ PHASES = ("fake_score", "generator")
 class TextForgetTask:
     """Draws per-row text conditions for SD concept forgetting (see the comment block above).
 
-    cache: a TextEncoderCache. remain / forget: RemainPromptSet / ForgetPromptSet.
+    cache: a TextEncoderCache. remain: RemainPromptSet. forget: a ForgetPromptSet, or one per
+        concept (several concepts forgotten in one run; `target_names` names them, `weights` sets
+        the share of forget rows each gets: equal weights = an exact 1/K share per batch).
     use_neg: (kappa1 fake-train, kappa2 fake-eval, kappa4 teacher) use negatives as CFG uncond.
     guidance: (cfg_train_fake, cfg_eval_fake, cfg_eval_real).
     use_cache=False: the reference's behaviour (every network's prompt list encoded separately, no
@@ -208,7 +210,13 @@ class TextForgetTask:
     def __init__(self, cache, remain: RemainPromptSet, forget: ForgetPromptSet,
                  use_neg=(False, False, True), sid_w_neg: bool = False, sg_w_override: bool = False,
                  context_dropout: float = 0.1, guidance=(1.0, 1.0, 1.0), use_cache: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, target_names: list[str] | None = None, weights: list[float] | None = None):
+        self.forget_sets = list(forget) if isinstance(forget, (list, tuple)) else [forget]
+        forget = self.forget_sets[0]  # negatives and keywords are shared by all concepts
+        self.target_names = list(target_names or [f.concept_to_forget or "forget" for f in self.forget_sets])
+        self.weights = list(weights) if weights else [1.0] * len(self.forget_sets)
+        if len(self.target_names) != len(self.forget_sets) or len(self.weights) != len(self.forget_sets):
+            raise ValueError("one target name and one weight per forget prompt set")
         if sid_w_neg and not forget.has_neg:
             raise ValueError("prompts.sid_w_neg needs negative prompts (prompts.neg_file)")
         self.cache = cache
@@ -228,7 +236,7 @@ class TextForgetTask:
         self.host_rng = torch.Generator("cpu").manual_seed(seed + 7919)
         self.last_prompts: dict[str, list[str]] = {}
         if use_cache:
-            cache.pin(forget.all_prompts())
+            cache.pin([p for f in self.forget_sets for p in f.all_prompts()])
 
     # -- prompts (strings) ---------------------------------------------------------------------------
     def draw_prompts(self, n_remain: int, n_forget: int, rng: torch.Generator, phase: str) -> dict:
@@ -246,10 +254,7 @@ class TextForgetTask:
     def _draw_prompts(self, n_remain: int, n_forget: int, rng: torch.Generator, phase: str) -> dict:
         remain = self.remain.sample(n_remain, rng) if n_remain else []
         remain_neg = self._sample_negatives(n_remain, rng) if (self.sid_w_neg and n_remain) else None
-        if n_forget:
-            forget, override, neg = self.forget.sample(n_forget, rng)
-        else:
-            forget, override, neg = [], [], None
+        forget, override, neg, target = self._sample_forget(n_forget, rng)
         n = n_remain + n_forget
 
         gen = remain + forget
@@ -274,7 +279,28 @@ class TextForgetTask:
             "fake_uncond": fake_uncond if fake_guidance != 1 else None,
             "teacher_uncond": teacher_uncond if self.guidance[2] != 1 else None,
             "is_forget": [False] * n_remain + [True] * n_forget,
+            "target": [-1] * n_remain + target,
         }
+
+    def _sample_forget(self, n: int, rng: torch.Generator):
+        """(forget, override, neg or None, target index) lists for n forget rows across the concepts.
+        One concept: exactly the single-concept draws (no extra RNG use)."""
+        if not n:
+            return [], [], None, []
+        if len(self.forget_sets) == 1:
+            return (*self.forget.sample(n, rng), [0] * n)
+        target = forget_row_targets(n, self.weights, rng, rng.device).tolist()
+        forget, override, neg = [""] * n, [""] * n, ([""] * n if self.forget.has_neg else None)
+        for k, prompt_set in enumerate(self.forget_sets):
+            rows = [i for i, t in enumerate(target) if t == k]
+            if not rows:
+                continue
+            f, o, ng = prompt_set.sample(len(rows), rng)
+            for j, i in enumerate(rows):
+                forget[i], override[i] = f[j], o[j]
+                if neg is not None:
+                    neg[i] = ng[j]
+        return forget, override, neg, target
 
     def rng_state(self) -> torch.Tensor:
         return self.host_rng.get_state()
@@ -329,5 +355,6 @@ class TextForgetTask:
         self.last_prompts = prompts
         e = self.encode_roles(prompts, device)
         is_forget = torch.arange(n_remain + n_forget, device=device) >= n_remain
+        target = torch.tensor(prompts["target"], dtype=torch.long).to(device)  # host list -> one copy
         return PhaseConditions(e["generator"], e["fake"], e["teacher"], e["fake_uncond"], e["teacher_uncond"],
-                               is_forget)
+                               is_forget, target)
