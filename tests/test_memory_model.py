@@ -35,7 +35,7 @@ def _phase_losses(parts, cfg, seeds=(0, 1, 2), autocast=True):
                 else:
                     _, st = generator_phase(parts.generator, FrozenView(parts.fake_score), parts.teacher,
                                             parts.teacher.schedule, d, 1.0, 4.5, 4.5, 2)
-            out.append(st[[0, 2]].float())   # remain and forget loss sums
+            out.append(st[:, 0].float())   # remain and forget loss sums (STAT_SUM of each group)
     return torch.stack(out)
 
 

@@ -85,7 +85,8 @@ def test_detector_catches_planted_syncs(tmp_path, monkeypatch, plant):
     """A sync planted in the step's loss statistics is reported (the detector can fail)."""
     real = step_module.phase_stats
 
-    def planted(per_row, is_forget):
+    def planted(per_row, cond, *args):
+        is_forget = cond.is_forget
         if plant == "item":
             per_row.sum().item()
         elif plant == "host_tensor":
@@ -94,7 +95,7 @@ def test_detector_catches_planted_syncs(tmp_path, monkeypatch, plant):
             per_row[is_forget].sum()
         else:
             is_forget.nonzero()
-        return real(per_row, is_forget)
+        return real(per_row, cond, *args)
 
     trainer = _digits_trainer(tmp_path)
     trainer.train_step()

@@ -355,6 +355,6 @@ class TextForgetTask:
         self.last_prompts = prompts
         e = self.encode_roles(prompts, device)
         is_forget = torch.arange(n_remain + n_forget, device=device) >= n_remain
-        target = torch.tensor(prompts["target"], dtype=torch.long).to(device)  # host list -> one copy
+        target = host_to_device(prompts["target"], torch.long, device)  # pinned, non_blocking: no sync
         return PhaseConditions(e["generator"], e["fake"], e["teacher"], e["fake_uncond"], e["teacher_uncond"],
                                is_forget, target)
