@@ -50,6 +50,8 @@ class BaselineSFD:
                  alpha: float = 1.0, t_init: int = 625, t_min: int = 20, t_max: int = 980,
                  guidance=(4.5, 4.5, 4.5), coefs=(1.0, 1.0, 1.0, 1.0), lrs=(3e-6, 1e-6)):
         self.sd, self.B, self.device = sd, batch, torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # the reference's training_loop sets it (spec §2.3)
         # the reference's accumulation: R rounds of batch_gpu rows, losses over batch_gpu_total
         self.batch_gpu = batch_gpu or batch
         if batch % self.batch_gpu:

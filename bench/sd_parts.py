@@ -1,7 +1,8 @@
 """Stable Diffusion SFD parts for the step benchmark and the baseline-equivalence test.
 
-Built directly from the core pieces (TextUNetDenoiser, OneStepGenerator, step.py via SFDTrainer)
-and a bench-local task, so the benchmark does not depend on the SD run module. Two configurations:
+The fast side is the product path: SFDTrainer.train_step over the SD family's own text task
+(sfd_fast.sd.build.make_task -> TextForgetTask) and denoisers; nothing is substituted (issue #10).
+Two configurations:
 
   tiny-sd   the tiny random SD pipeline of `sfd_fast.sd.tiny` (16x16x4 latents, 77x32 text),
             built once into a folder; runs on CPU.
@@ -22,10 +23,8 @@ from pathlib import Path
 import torch
 
 from sfd_fast.config import Config
-from sfd_fast.denoisers import TextUNetDenoiser
 from sfd_fast.generator import OneStepGenerator
 from sfd_fast.schedules import VPSchedule
-from sfd_fast.conditions import PhaseConditions
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_DIR = ROOT / "configs" / "prompts"
@@ -108,40 +107,6 @@ def build_sd15(seed: int = 0) -> SDBench:
     return SDBench("sd15", unet, text_encoder, tokenizer, scheduler, schedule_from_config(cfg), (4, 64, 64))
 
 
-@torch.no_grad()
-def encode(sd: SDBench, prompts: list[str], device) -> torch.Tensor:
-    """(N, 77, D) text-encoder hidden states, tokenized exactly as the reference (pad/truncate 77)."""
-    ids = sd.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
-                       return_tensors="pt").input_ids.to(device)
-    return sd.text_encoder(ids)[0]
-
-
-class CachedTextTask:
-    """Per-row conditions from text embeddings encoded ONCE (the prompt lists are fixed here).
-
-    Draws remain and forget prompt indices from the trainer's generator; forget rows see the
-    forget prompt in G and the fake score, the override prompt in the teacher; the CFG uncond row
-    is the empty prompt. `last_indices` keeps the latest draw (device tensors) for the tests.
-    """
-
-    def __init__(self, sd: SDBench, device):
-        self.remain = encode(sd, sd.remain_prompts, device)
-        self.forget = encode(sd, sd.forget_prompts, device)
-        self.override = encode(sd, sd.override_prompts, device)
-        self.empty = encode(sd, [""], device)
-        self.last_indices = None
-
-    def draw(self, n_remain, n_forget, rng, device, phase) -> PhaseConditions:
-        ir = torch.randint(0, self.remain.shape[0], (n_remain,), generator=rng, device=device)
-        jf = torch.randint(0, self.forget.shape[0], (n_forget,), generator=rng, device=device)
-        self.last_indices = (ir, jf)
-        gen = torch.cat([self.remain[ir], self.forget[jf]])
-        teacher = torch.cat([self.remain[ir], self.override[jf]])
-        uncond = self.empty.expand(n_remain + n_forget, -1, -1)
-        is_forget = torch.arange(n_remain + n_forget, device=device) >= n_remain
-        return PhaseConditions(gen, gen, teacher, uncond, uncond, is_forget)
-
-
 def sd_config(batch: int, precision: str, compile_: bool = False, kernels: str = "auto",
               device: str = "cpu", seed: int = 0, grad_accum: int = 1) -> Config:
     """The trainer config of the SD benchmark: reference SD hyper-parameters, fp32 master weights."""
@@ -156,23 +121,38 @@ def sd_config(batch: int, precision: str, compile_: bool = False, kernels: str =
     return cfg
 
 
-def fast_parts(sd: SDBench, device, t_init: int):
-    """RunParts for SFDTrainer: teacher = the UNet, fake score and generator = trainable copies."""
-    from sfd_fast.trainer import RunParts
+def bench_prompts(cfg: Config) -> Config:
+    """The benchmark's prompt sets in `cfg.prompts` (the files the baseline samples from)."""
+    pr = cfg.prompts
+    pr.remain_file = str(PROMPT_DIR / "remain_default.txt")
+    pr.forget_file = str(PROMPT_DIR / "brad_pitt_train.txt")
+    pr.concept_to_forget, pr.concept_to_override = CONCEPT, OVERRIDE
+    return cfg
 
-    def denoiser(net):
-        return TextUNetDenoiser(net, sd.schedule)
+
+def fast_parts(sd: SDBench, cfg: Config, device):
+    """RunParts for SFDTrainer, the product's: the text task is `sfd_fast.sd.build.make_task` (the
+    real TextForgetTask over a TextEncoderCache of this text encoder: remain captions drawn and
+    encoded per draw through the bounded cache, context dropout, override prompts), the denoisers are
+    `sfd_fast.sd.loading.sd_denoiser`. Only the UNet weights come from `sd` (random for sd15, so no
+    pipeline folder is written); teacher = a frozen copy, fake score and generator = trainable copies."""
+    from sfd_fast.sd.build import make_task
+    from sfd_fast.sd.loading import sd_denoiser
+    from sfd_fast.sd.text import TextEncoderCache
+    from sfd_fast.trainer import RunParts
 
     fake_net = copy.deepcopy(sd.unet).requires_grad_(True)
     gen_net = copy.deepcopy(sd.unet).requires_grad_(True)
-    task = CachedTextTask(sd, device)
     teacher_net = copy.deepcopy(sd.unet)  # own copy: compile works in place, the baseline is eager
-    return RunParts(task, denoiser(teacher_net), denoiser(fake_net),
-                    OneStepGenerator(denoiser(gen_net), t_init), tuple(sd.latent_shape))
+    task = make_task(bench_prompts(cfg), TextEncoderCache(sd.text_encoder, sd.tokenizer, device))
+    return RunParts(task, sd_denoiser(teacher_net, copy.deepcopy(sd.schedule)),
+                    sd_denoiser(fake_net, copy.deepcopy(sd.schedule)),
+                    OneStepGenerator(sd_denoiser(gen_net, copy.deepcopy(sd.schedule)), cfg.sfd.t_init),
+                    tuple(sd.latent_shape))
 
 
 def build_fast_trainer(sd: SDBench, cfg: Config, device, run_dir):
     from sfd_fast.trainer import SFDTrainer
 
     sd.to(device)
-    return SFDTrainer(cfg, fast_parts(sd, device, cfg.sfd.t_init), Path(run_dir), torch.device(device))
+    return SFDTrainer(cfg, fast_parts(sd, cfg, device), Path(run_dir), torch.device(device))

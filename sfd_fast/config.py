@@ -95,6 +95,7 @@ class EMAConfig:
 class TrainConfig:
     batch_size: int = 64              # remain samples per step (as many forget samples ride along)
     grad_accum: int = 1
+    micro_batch: object = None        # None: batch_size / grad_accum; an int (sets grad_accum); "auto": not yet
     total_steps: int = 1000
     log_every: int = 100              # a tick: status line + stats.jsonl (the only host syncs)
     checkpoint_every: int = 500
@@ -109,7 +110,10 @@ class TrainConfig:
 class EngineConfig:
     backend: str = "plain"            # plain (single process) | deepspeed (ZeRO engines)
     precision: str = "fp32"           # fp32 | bf16 (autocast compute, fp32 master weights)
-    compile: bool = False             # torch.compile the per-network graphs
+    compile: bool = False             # torch.compile the per-network graphs (fullgraph)
+    compile_phase: bool = False       # instead: each whole phase (noise, both scores + CFG, loss) as one graph
+    compile_mode: str = "default"     # torch.compile mode: default | max-autotune | reduce-overhead
+    channels_last: bool = False       # UNets in channels_last memory format (unmeasured on GPU: off)
     kernels: str = "auto"             # auto | torch | triton  (the fused SFD loss)
     attention: str = "sdpa"           # sdpa | xformers | auto
     activation_checkpointing: bool = False
@@ -313,7 +317,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
     s, t, sch = cfg.sfd, cfg.train, cfg.schedule
-    from .domains import validate_numbers
+    from .domains import validate_micro_batch, validate_numbers
     validate_numbers(cfg, bad)   # every float finite; numeric domains (eps, betas, EMA, pretrain, ...)
     from .families import FAMILIES
     if cfg.model.kind not in FAMILIES:
@@ -343,6 +347,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.grad_accum", f"must be a positive integer, got {t.grad_accum}")
     if t.batch_size % t.grad_accum:
         bad("train.grad_accum", f"({t.grad_accum}) must divide train.batch_size ({t.batch_size})")
+    validate_micro_batch(t, bad)
     if t.total_steps <= 0:
         bad("train.total_steps", "must be positive")
     for k in ("log_every", "checkpoint_every", "sample_every"):

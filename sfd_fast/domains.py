@@ -82,3 +82,24 @@ def validate_engine(cfg, bad) -> None:
         bad("engine.rng_mode", f"must be 'global_slice' or 'per_rank', got {e.rng_mode!r}")
     if not 0 <= e.zero_stage <= 3:
         bad("engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if e.compile_mode not in ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"):
+        bad("engine.compile_mode", "must be 'default', 'max-autotune', 'max-autotune-no-cudagraphs' or "
+            f"'reduce-overhead', got {e.compile_mode!r}")
+    if e.compile and e.compile_phase:
+        bad("engine.compile_phase", "compiles the networks inside each phase already; set engine.compile=false")
+
+
+def validate_micro_batch(t, bad) -> None:
+    """train.micro_batch: null (batch_size / grad_accum) or an int dividing batch_size, which then
+    sets train.grad_accum."""
+    m = t.micro_batch
+    if m == "auto":   # the memory-model + probe-step choice is not built yet (issue #10 item 4)
+        bad("train.micro_batch", "'auto' is not implemented yet; give an integer dividing train.batch_size "
+            "(rows per branch per micro-batch) or leave it null (batch_size / grad_accum)")
+    elif m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m > 0 and t.batch_size % m == 0):
+        bad("train.micro_batch", f"must be null or a positive integer dividing train.batch_size "
+            f"({t.batch_size}), got {m!r}")
+    elif m is not None:
+        if t.grad_accum not in (1, t.batch_size // m):
+            bad("train.micro_batch", f"({m}) and train.grad_accum ({t.grad_accum}) disagree: give one of them")
+        t.grad_accum = t.batch_size // m   # the accumulation follows from the micro-batch

@@ -49,8 +49,9 @@ def draw_phase(task, rng: torch.Generator, n_remain: int, n_forget: int, sample_
     z = torch.randn((n, *sample_shape), generator=rng, device=device)
     noise = torch.randn((n, *sample_shape), generator=rng, device=device)
     t = torch.randint(t_min, t_max, (n,), generator=rng, device=device)
-    coef = torch.where(cond.is_forget, torch.tensor(forget_coef, device=device),
-                       torch.tensor(remain_coef, device=device))
+    # device-side constants: torch.full + masked_fill take the coefficients as kernel arguments
+    # (torch.tensor(x, device=cuda) would be a pageable host-to-device copy, i.e. a sync, per draw)
+    coef = torch.full((n,), float(remain_coef), device=device).masked_fill_(cond.is_forget, float(forget_coef))
     return PhaseDraws(z, noise, t, cond, coef)
 
 

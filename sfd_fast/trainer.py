@@ -37,7 +37,7 @@ from .engine import accelerate, autocast_context, make_backend, select_generator
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
 from .guard import RunGuard
-from .step import NUM_STATS, fake_score_phase, generator_phase, tick_losses
+from .step import NUM_STATS, tick_losses
 
 log = logging.getLogger("sfd_fast")
 
@@ -95,8 +95,8 @@ class SFDTrainer:
         for _ in range(t.grad_accum):
             draws = b.draw("fake_score", s.sg_remain_coef, s.sg_forget_coef)
             with self.autocast():
-                loss, stats = fake_score_phase(b.phase_generator, b.phase_fake_score, self.schedule, draws,
-                                               s.cfg_train_fake, b.denom, len(self.target_names))
+                loss, stats = self.fake_score_phase_fn(b.phase_generator, b.phase_fake_score, self.schedule, draws,
+                                                       s.cfg_train_fake, b.denom, len(self.target_names))
             b.backward("fake_score", loss)
             self.stats[0] += stats
         b.update("fake_score")
@@ -107,7 +107,7 @@ class SFDTrainer:
             for _ in range(t.grad_accum):
                 draws = b.draw("generator", s.g_remain_coef, s.g_forget_coef)
                 with self.autocast():
-                    loss, stats = generator_phase(b.phase_generator, b.fake_score_view, self.teacher,
+                    loss, stats = self.generator_phase_fn(b.phase_generator, b.fake_score_view, self.teacher,
                                                   self.schedule, draws, s.alpha, s.cfg_eval_fake,
                                                   s.cfg_eval_real, b.denom, self.loss_fn,
                                                   len(self.target_names))
@@ -198,7 +198,9 @@ class SFDTrainer:
             return
         gen = self.backend.sampling_generator()
         if self.backend.is_rank0:
-            self.parts.save_grid(gen, self.run_dir / "samples" / name)
+            # grids run the nets at other batch sizes: eagerly, so the compiled graphs see no new shape
+            with torch.compiler.set_stance("force_eager"):
+                self.parts.save_grid(gen, self.run_dir / "samples" / name)
 
     def evaluate_during(self) -> dict:
         """The family's evaluation on its fixed sample set (parts.evaluate_during), as a stats.jsonl
@@ -208,7 +210,8 @@ class SFDTrainer:
         gen = self.backend.sampling_generator()
         if not self.backend.is_rank0:
             return {}
-        metrics = self.parts.evaluate_during(gen)
+        with torch.compiler.set_stance("force_eager"):   # other batch sizes: no new compiled graph
+            metrics = self.parts.evaluate_during(gen)
         rec = {"step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
                **{f"eval/{k}": v for k, v in metrics.items()}}
         with open(self.run_dir / "stats.jsonl", "a") as f:

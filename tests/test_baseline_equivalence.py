@@ -60,10 +60,13 @@ def _draws(sd, seed):
     return ir, jf, z, noise, t
 
 
-def _fast_draws(task, ir, jf, z, noise, t):
-    gen = torch.cat([task.remain[ir], task.forget[jf]])
-    teacher = torch.cat([task.remain[ir], task.override[jf]])
-    uncond = task.empty.expand(2 * B, -1, -1)
+def _fast_draws(sd, task, ir, jf, z, noise, t):
+    """The same rows through the product's text cache (sfd_fast.sd.text.TextEncoderCache)."""
+    remain = [sd.remain_prompts[i] for i in ir.tolist()]
+    forget = [sd.forget_prompts[j] for j in jf.tolist()]
+    gen = task.cache.encode(remain + forget)
+    teacher = task.cache.encode(remain + [sd_parts.override_of(p) for p in forget])
+    uncond = task.cache.encode([""] * (2 * B))
     is_forget = torch.arange(2 * B) >= B
     cond = PhaseConditions(gen, gen, teacher, uncond, uncond, is_forget)
     return PhaseDraws(z, noise, t, cond, torch.ones(2 * B))
@@ -92,7 +95,7 @@ def test_fake_score_phase_matches_baseline(setup):
     ir, jf, z, noise, t = _draws(sd, 0)
     tr.fake_score.zero_grad(set_to_none=True)
     loss, stats = fake_score_phase(tr.generator, tr.fake_score, tr.schedule,
-                                   _fast_draws(tr.parts.task, ir, jf, z, noise, t), 4.5, B)
+                                   _fast_draws(sd, tr.parts.task, ir, jf, z, noise, t), 4.5, B)
     loss.backward()
     base.fake_score.zero_grad(set_to_none=True)
     r, f = _branches(sd, ir, jf, z, noise, t)
@@ -109,7 +112,7 @@ def test_generator_phase_matches_baseline(setup):
     tr.generator.zero_grad(set_to_none=True)
     tr.fake_score.zero_grad(set_to_none=True)
     loss, stats = generator_phase(tr.generator, tr.backend.fake_score_view, tr.teacher, tr.schedule,
-                                  _fast_draws(tr.parts.task, ir, jf, z, noise, t), 1.0, 4.5, 4.5, B)
+                                  _fast_draws(sd, tr.parts.task, ir, jf, z, noise, t), 1.0, 4.5, 4.5, B)
     loss.backward()
     # FrozenView: no fake-score weight gradients from the generator phase
     assert all(p.grad is None for p in tr.fake_score.parameters())
@@ -129,3 +132,13 @@ def test_baseline_full_step_runs_and_is_finite(setup):
     out = base.train_step()
     assert set(out) == {"fake_score/remain", "fake_score/forget", "generator/remain", "generator/forget"}
     assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+
+
+def test_bench_fast_trainer_runs_the_product_text_task(setup):
+    """The benchmark's fast side is the product path: the SD family's TextForgetTask (issue #10)."""
+    from sfd_fast.sd.text import TextEncoderCache, TextForgetTask
+
+    sd, tr, _ = setup
+    assert type(tr.parts.task) is TextForgetTask
+    assert type(tr.parts.task.cache) is TextEncoderCache and tr.parts.task.use_cache
+    assert not hasattr(sd_parts, "CachedTextTask")

@@ -81,49 +81,83 @@ def select_generator_loss(engine_cfg, device: torch.device):
 COMPILE_BACKEND_ENV = "SFD_FAST_COMPILE_BACKEND"
 
 
+def _compile_backend(backend: str | None) -> str:
+    import os
+
+    return backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+
+
+def _compile_kwargs(engine_cfg, backend: str) -> dict:
+    # mode applies to inductor only (the test backends take no options)
+    mode = getattr(engine_cfg, "compile_mode", "default")
+    return {"mode": mode} if backend == "inductor" and mode != "default" else {}
+
+
 def compile_networks(denoisers, engine_cfg, backend: str | None = None) -> list[torch.nn.Module]:
     """torch.compile each denoiser's backbone `net` in place (`nn.Module.compile`), when
     `engine.compile` is true; returns the compiled nets (empty when off).
 
     Why per network and in place:
-      * the step's own code (draws, CFG combination, closed-form x0, loss, masking) is cheap
-        elementwise work; the networks are >99% of the FLOPs. Compiling `net` keeps the step
-        readable and the graphs small, one per (network, batch shape, grad mode);
+      * the networks are >99% of the FLOPs; compiling `net` keeps the step readable and the graphs
+        small, one per (network, batch shape, grad mode);
       * `Module.compile` keeps the module object and its parameter names, so checkpoints, EMA
         (foreach over .parameters()), optimizers and FrozenView's functional_call are untouched
         (an `OptimizedModule` wrapper would prefix every state_dict key with `_orig_mod.`);
+      * fullgraph=True: a graph break is an error, not a silent eager island;
       * dynamic=False: each network sees a fixed set of batch shapes (B, or 2B with CFG), so
-        static graphs never recompile after the first step; automatic dynamic shapes would
-        recompile once more and give slower symbolic kernels.
+        static graphs never recompile after the first step. Sample grids (other batch sizes) run
+        eagerly under `torch.compiler.set_stance("force_eager")` (trainer.save_grid), so they add
+        no graph either. dynamo's recompile limit is left at its default: a recompile storm is an
+        error to fix, not to hide (tests/test_compile.py counts recompiles and graph breaks).
     Graph inventory per step (all cached after step 1): generator (grad and no_grad), fake score
     (trained, and FrozenView's detached weights), teacher. Frozen networks are never toggled
     (requires_grad is fixed at setup), so the guards stay stable.
     """
     if not getattr(engine_cfg, "compile", False):
         return []
-    import os
-
-    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
-    # Five graph variants per backbone code object (see above) plus autocast on/off: stay well
-    # inside the recompile limit (8 by default) even when several denoisers share a class.
-    import torch._dynamo
-
-    limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 16)
-    torch._dynamo.config.recompile_limit = limit
-    if hasattr(torch._dynamo.config, "cache_size_limit"):
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+    backend = _compile_backend(backend)
+    kwargs = _compile_kwargs(engine_cfg, backend)
     nets, seen = [], set()
     for d in denoisers:
         net = d.net
         if id(net) in seen:
             continue
         seen.add(id(net))
-        net.compile(backend=backend, dynamic=False)
+        net.compile(backend=backend, dynamic=False, fullgraph=True, **kwargs)
         nets.append(net)
-    log.info("engine.compile: torch.compile(backend=%s, dynamic=False) on %d networks", backend, len(nets))
+    log.info("engine.compile: torch.compile(backend=%s, dynamic=False, fullgraph=True%s) on %d networks",
+             backend, "".join(f", {k}={v}" for k, v in kwargs.items()), len(nets))
     return nets
 
 
+def compile_phases(fake_score_phase, generator_phase, engine_cfg, backend: str | None = None):
+    """(fake_score_phase, generator_phase), each compiled as ONE region when `engine.compile_phase`:
+    the generator sample, the noise corruption, the score evaluations with CFG (both networks in
+    the generator phase) and the SFD loss with its masking and statistics in one graph per phase
+    (the design's fusion, ARCHITECTURE.md). fullgraph=True and dynamic=False as for the networks.
+    Returns the plain functions when off. The networks must not be compiled separately then."""
+    if not getattr(engine_cfg, "compile_phase", False):
+        return fake_score_phase, generator_phase
+    backend = _compile_backend(backend)
+    kwargs = dict(backend=backend, dynamic=False, fullgraph=True, **_compile_kwargs(engine_cfg, backend))
+    log.info("engine.compile_phase: each phase compiled as one region (%s)", kwargs)
+    return torch.compile(fake_score_phase, **kwargs), torch.compile(generator_phase, **kwargs)
+
+
+def set_device_flags(nets: list, engine_cfg, device: torch.device) -> dict:
+    """cudnn.benchmark on CUDA (the UNet's convolutions run at fixed shapes: autotuned once, as the
+    reference's training loop does); channels_last on the UNets when engine.channels_last (off by
+    default: unmeasured on a GPU, and a CPU timing of the tiny UNet says nothing about GPU
+    convolution layouts; docs/performance.md)."""
+    done = {}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        done["cudnn_benchmark"] = True
+    if getattr(engine_cfg, "channels_last", False):
+        for _, net in nets:
+            net.to(memory_format=torch.channels_last)
+        done["channels_last"] = True
+    return done
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +295,9 @@ def accelerate(trainer) -> dict:
       1. precision   bf16 autocast around each phase, fp32 master weights (trainer.autocast)
       2. attention   one policy (resolve_attention) on every UNet, the EMA copy included
       3. activation checkpointing on the teacher, fake score and generator
-      4. torch.compile of each network's backbone (after the EMA copy: it stays eager)
+      4. cudnn.benchmark (CUDA), channels_last (engine.channels_last)
+      5. torch.compile of each network's backbone (after the EMA copy: it stays eager), or of each
+         whole phase (engine.compile_phase): trainer.fake_score_phase_fn / generator_phase_fn
     The distributed wrapper (DeepSpeed engines) comes after, in the backend (make_backend).
     Returns what was applied, for the log and --dry-run."""
     e = trainer.cfg.engine
@@ -276,6 +312,10 @@ def accelerate(trainer) -> dict:
             no_ckpt.activation_checkpointing = False   # the EMA copy never runs a backward
             applied.update({"generator_ema": apply_attention_and_checkpointing(
                 [("generator_ema", ema_net)], no_ckpt, trainer.device)["generator_ema"]})
+    applied.update(set_device_flags(nets, e, trainer.device))
     compiled = compile_networks([trainer.teacher, trainer.fake_score, trainer.generator.denoiser], e)
     applied["compiled"] = len(compiled)
+    from ..step import fake_score_phase, generator_phase
+    trainer.fake_score_phase_fn, trainer.generator_phase_fn = compile_phases(fake_score_phase, generator_phase, e)
+    applied["compile_phase"] = bool(getattr(e, "compile_phase", False))
     return applied

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import torch
 
@@ -34,3 +35,46 @@ def autocast_context(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------
+# host data -> device without a host sync
+# ---------------------------------------------------------------------------------------------------
+# A steady-state step must never wait for the GPU queue (PERFORMANCE.md). Two things would make it:
+# reading a device value on the host (.item(), .tolist(), nonzero, boolean-mask indexing) and copying
+# host data from pageable memory (`torch.tensor(list, device=cuda)`, `cpu_tensor.to(cuda)`: CUDA
+# stages a pageable copy through a bounce buffer and blocks the host until it is done).
+# tests/test_no_sync.py records every op of a steady-state step and fails on either, except inside
+# `host_side()` regions: work that is on the host by construction (string choices drawn from a CPU
+# generator, building a host tensor from Python data before `host_to_device` copies it).
+_HOST_SIDE = threading.local()
+
+
+@contextlib.contextmanager
+def host_side():
+    """Marks code whose tensors live on the host by design (never a device tensor read back)."""
+    depth = getattr(_HOST_SIDE, "depth", 0)
+    _HOST_SIDE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _HOST_SIDE.depth = depth
+
+
+def in_host_side() -> bool:
+    """True inside a `host_side()` region (read by the sync detector of the tests)."""
+    return getattr(_HOST_SIDE, "depth", 0) > 0
+
+
+def host_to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
+    """Python data / numpy / a CPU tensor -> a tensor on `device`, without a host sync.
+
+    On CUDA the host tensor is pinned and copied with non_blocking=True: the copy is queued on the
+    current stream and the host moves on (the caching host allocator keeps the pinned block alive
+    until the copy has run, so freeing it here is safe). On CPU it is the tensor itself."""
+    device = torch.device(device)
+    with host_side():
+        host = torch.as_tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

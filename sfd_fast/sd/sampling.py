@@ -51,7 +51,9 @@ def render(generator: OneStepGenerator, comps: SDComponents, cache: TextEncoderC
     device = next(generator.parameters()).device
     rows = [p for p in prompts for _ in range(per_prompt)]
     z = grid_latents(len(rows), shape, device, seed)
-    cond = cache.encode(rows, cache=True).to(device)
+    # the cache's dtype is the text encoder's (bf16 when frozen nets are stored in bf16); grids run
+    # without autocast, so the condition takes the generator's dtype
+    cond = cache.encode(rows, cache=True).to(device, next(generator.parameters()).dtype)
     rng = torch.Generator(device=device).manual_seed(seed + 1)
     # chunks bound the activation memory at 512 px (same latents, so the same images)
     x0 = torch.cat([sample_latents(generator, z[i:i + chunk], cond[i:i + chunk], steps, rng)

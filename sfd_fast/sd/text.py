@@ -10,8 +10,10 @@ encoder is frozen and deterministic, so an embedding depends only on the prompt 
 `TextEncoderCache` encodes each distinct prompt once:
   * always-cached: "" and every prompt encoded with cache=True (forget, override, negative,
     validation prompts: a few hundred strings, i.e. ~ n * 77 * 768 * 2 bytes = 118 KB each in fp16);
-  * remain prompts (millions of distinct captions): encoded once per call (duplicates inside a
-    call share one row) and kept only with cache=True, in an LRU bounded by `max_entries`.
+  * remain prompts (up to millions of distinct captions): encoded once per call (duplicates inside
+    a call share one row) and kept in an LRU bounded by `max_entries` (TextForgetTask caches them:
+    a repeated caption skips the encoder; 1024 SD1.5 entries = 1024 * 77 * 768 * 4 B = 242 MB in
+    fp32, half that with the bf16 text encoder of engine.precision=bf16).
 Tokenization pads to 77 with "max_length" and truncates, exactly as the reference's
 `tokenize_captions`; a prompt longer than 77 tokens triggers one warning per distinct prompt.
 """
@@ -23,6 +25,7 @@ from collections import OrderedDict
 import torch
 
 from ..conditions import PhaseConditions, forget_row_targets
+from ..engine.device import host_side, host_to_device
 from .prompts import ForgetPromptSet, RemainPromptSet
 
 
@@ -36,7 +39,7 @@ class TextEncoderCache:
     """
 
     def __init__(self, text_encoder, tokenizer, device=None, max_length: int = 77,
-                 max_entries: int = 4096, chunk: int = 256):
+                 max_entries: int = 1024, chunk: int = 256):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(text_encoder.parameters()).device
@@ -52,8 +55,9 @@ class TextEncoderCache:
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """(B, max_length) input ids, padded with "max_length" and truncated (reference semantics)."""
         self._warn_truncation(prompts)
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        with host_side():  # host tensors; _run_encoder copies them through pinned memory
+            return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                                  truncation=True, return_tensors="pt").input_ids
 
     def warn_if_truncated(self, prompts) -> None:
         """Warn now (once per prompt) about prompts longer than max_length, e.g. before training."""
@@ -79,7 +83,7 @@ class TextEncoderCache:
         out = []
         for i in range(0, len(prompts), self.chunk):
             part = prompts[i:i + self.chunk]
-            ids = self.tokenize(part).to(self.device)
+            ids = host_to_device(self.tokenize(part), torch.long, self.device)  # pinned, non_blocking
             kwargs = {}
             if getattr(self.text_encoder.config, "use_attention_mask", False):
                 # SD1.x passes no mask (CLIP pads with EOS under a causal mask); only models whose
@@ -174,7 +178,9 @@ class TextEncoderCache:
 #
 # Encoding: every distinct string of a draw is encoded ONCE through the `TextEncoderCache`; all
 # networks that need a prompt share the same rows. "", negatives, forget and override prompts are
-# pinned in the cache at construction; remain captions are encoded once per draw and not kept.
+# pinned in the cache at construction; remain captions go through the cache's bounded LRU.
+# Host data (token ids, row indices) reaches the device through engine.device.host_to_device (pinned,
+# non_blocking): a steady-state draw never waits for the GPU (tests/test_no_sync.py).
 # An uncond tensor is only built when its network's guidance is != 1 (else it is None: unused).
 #
 # Deliberate differences from the reference (documented in docs/sd.md):
@@ -242,6 +248,10 @@ class TextForgetTask:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if rng.device.type != "cpu":
             rng = self.host_rng  # no device->host sync for string choices
+        with host_side():  # every tensor below is on the host (a CPU generator's draws)
+            return self._draw_prompts(n_remain, n_forget, rng, phase)
+
+    def _draw_prompts(self, n_remain: int, n_forget: int, rng: torch.Generator, phase: str) -> dict:
         remain = self.remain.sample(n_remain, rng) if n_remain else []
         remain_neg = self._sample_negatives(n_remain, rng) if (self.sid_w_neg and n_remain) else None
         forget, override, neg, target = self._sample_forget(n_forget, rng)
@@ -323,9 +333,9 @@ class TextForgetTask:
         if fixed:  # pinned (forget/override/neg/"") or LRU (keyword-augmented forget prompts)
             tables.append(self.cache.encode(fixed, cache=True))
             index.update({p: i for i, p in enumerate(fixed)})
-        if fresh:  # remain captions: one encode per draw, not kept
+        if fresh:  # remain captions: the cache's bounded LRU (hits skip the encoder; misses encoded once)
             off = len(index)
-            tables.append(self.cache.encode(fresh, cache=False))
+            tables.append(self.cache.encode(fresh, cache=True))
             index.update({p: off + i for i, p in enumerate(fresh)})
         table = (torch.cat(tables) if len(tables) > 1 else tables[0]).to(device)
         out, seen = {}, {}
@@ -335,7 +345,8 @@ class TextForgetTask:
                 continue
             key = tuple(prompts[r])
             if key not in seen:  # identical row lists share one tensor
-                seen[key] = table[torch.tensor([index[p] for p in prompts[r]], device=device)]
+                rows = host_to_device([index[p] for p in prompts[r]], torch.long, table.device)
+                seen[key] = table.index_select(0, rows)
             out[r] = seen[key]
         return out
 
@@ -344,6 +355,6 @@ class TextForgetTask:
         self.last_prompts = prompts
         e = self.encode_roles(prompts, device)
         is_forget = torch.arange(n_remain + n_forget, device=device) >= n_remain
-        target = torch.tensor(prompts["target"], dtype=torch.long).to(device)  # host list -> one copy
+        target = host_to_device(prompts["target"], torch.long, device)  # pinned, non_blocking: no sync
         return PhaseConditions(e["generator"], e["fake"], e["teacher"], e["fake_uncond"], e["teacher_uncond"],
                                is_forget, target)

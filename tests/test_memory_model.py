@@ -1,0 +1,84 @@
+"""Memory, true (issue #10 item 4): frozen networks stored in bf16 under engine.precision=bf16."""
+import pytest
+import torch
+
+from sfd_fast.config import load_config
+from sfd_fast.sd.build import build_parts as build_sd_parts, store_frozen_in_bf16
+from sfd_fast.sd.tiny import build_tiny_sd
+from sfd_fast.step import draw_phase, fake_score_phase, generator_phase
+from sfd_fast.denoisers import FrozenView
+from tests.test_sd_run import sd_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("mem_sd") / "tiny", sample_size=8)
+
+
+def _phase_losses(parts, cfg, seeds=(0, 1, 2), autocast=True):
+    s, out = cfg.sfd, []
+    for seed in seeds:
+        for phase in ("fake_score", "generator"):
+            rng = torch.Generator().manual_seed(seed)
+            d = draw_phase(parts.task, rng, 2, 2, parts.sample_shape, s.t_min, s.t_max, 1.0, 1.0, "cpu", phase)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if phase == "fake_score":
+                    _, st = fake_score_phase(parts.generator, parts.fake_score, parts.teacher.schedule, d, 4.5, 2)
+                else:
+                    _, st = generator_phase(parts.generator, FrozenView(parts.fake_score), parts.teacher,
+                                            parts.teacher.schedule, d, 1.0, 4.5, 4.5, 2)
+            out.append(st[:, 0].float())   # remain and forget loss sums (STAT_SUM of each group)
+    return torch.stack(out)
+
+
+def test_bf16_frozen_networks_keep_fp32_masters_and_the_losses(tmp_path, sd_dir):
+    """bf16 storage of teacher / text encoder / VAE vs the same nets in fp32, both under bf16 autocast.
+
+    Tolerance, from bf16 itself: under autocast the convolutions and matmuls already round their
+    weights and inputs to bf16 (2^-9 relative) on every call; storing the frozen nets in bf16 adds
+    roundings of the same kind (norm/embedding parameters, the text encoder's activations). So the
+    change of the per-branch loss sums must be of the size of the change autocast itself makes
+    against fp32: ||L(bf16 storage) - L(fp32 storage)|| <= 3 ||L(fp32, autocast) - L(fp32, no
+    autocast)|| over 6 phases x 2 branches (measured: ratio 1.0; 3 leaves room for other CPUs'
+    bf16 kernels). A plain rtol does not work: the SiD generator loss is a difference of near-equal
+    terms (a small value whose relative error is large under any bf16 compute)."""
+    cfg32 = load_config(sd_config(tmp_path, sd_dir, engine={"precision": "fp32"}))
+    parts = build_sd_parts(cfg32)
+    fp32_exact = _phase_losses(parts, cfg32, autocast=False)
+    ref = _phase_losses(parts, cfg32)
+    comps = parts.extra_state["components"]
+    assert store_frozen_in_bf16(comps, "bf16") is torch.bfloat16
+    parts.task.cache.clear()   # embeddings re-encoded by the bf16 text encoder
+    got = _phase_losses(parts, cfg32)
+    autocast_change = (ref - fp32_exact).norm()
+    assert autocast_change > 0
+    assert 0 < (got - ref).norm() <= 3 * autocast_change, (got, ref, fp32_exact)
+    torch.testing.assert_close(got[0::2], ref[0::2], rtol=1e-2, atol=0)  # fake-score sums: no cancellation
+
+    cfg16 = load_config(sd_config(tmp_path, sd_dir, engine={"precision": "bf16"}))
+    p16 = build_sd_parts(cfg16)
+    frozen = [p16.teacher.net, p16.extra_state["components"].text_encoder, p16.extra_state["components"].vae]
+    assert all(p.dtype == torch.bfloat16 for m in frozen for p in m.parameters())
+    trained = [p16.fake_score.net, p16.generator.net]
+    assert all(p.dtype == torch.float32 for m in trained for p in m.parameters())   # fp32 masters
+
+
+def test_micro_batch_sets_the_accumulation_and_bad_values_are_refused(tmp_path):
+    from sfd_fast.config import ConfigError
+    from tests.helpers import tiny_digits_config
+
+    cfg = load_config(tiny_digits_config(tmp_path), ["train.micro_batch=2"])
+    assert cfg.train.batch_size == 8 and cfg.train.grad_accum == 4
+    for value, match in (("3", "dividing"), ("0", "dividing"), ('"auto"', "not implemented")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(tiny_digits_config(tmp_path), [f"train.micro_batch={value}"])
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(tiny_digits_config(tmp_path), ["train.micro_batch=2", "train.grad_accum=2"])
