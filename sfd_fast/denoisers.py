@@ -129,6 +129,11 @@ def frozen_parameters(module: nn.Module):
             p.requires_grad_(True)
 
 
+def frozen_if(freeze: bool, module: nn.Module):
+    """frozen_parameters(module) when `freeze`, else a no-op context (the backends' generator phase)."""
+    return frozen_parameters(module) if freeze else contextlib.nullcontext()
+
+
 def needs_frozen_parameters(denoiser: Denoiser) -> bool:
     """True when FrozenView cannot be used for `denoiser` (diffusers gradient checkpointing on)."""
     return bool(getattr(denoiser.net, "is_gradient_checkpointing", False))

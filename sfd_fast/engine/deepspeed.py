@@ -34,7 +34,7 @@ from torch import nn
 from ..checkpoint import (atomic_write_text, check_finite, crash_point, publish_checkpoint_dir,
                           save_safetensors_atomic)
 from ..conditions import PhaseConditions
-from ..denoisers import FrozenView, frozen_parameters, needs_frozen_parameters
+from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
 from .distributed import barrier, build_deepspeed_config, validate_world
 from .optim import NonfiniteGuard, make_optimizer
@@ -172,9 +172,7 @@ class DeepSpeedBackend:
             self._ds_skips_seen[role] = now
 
     def generator_phase(self):
-        if self.freeze_fake_score:
-            return frozen_parameters(self.trainer.fake_score)
-        return contextlib.nullcontext()
+        return frozen_if(self.freeze_fake_score, self.trainer.fake_score)
 
     @contextlib.contextmanager
     def ema_pairs(self):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint, optimizer_from_flat, save_checkpoint
-from ..denoisers import FrozenView, frozen_parameters, needs_frozen_parameters
+from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
 from .optim import make_optimizer, nonfinite_flag
 
@@ -83,9 +83,7 @@ class PlainBackend:
         self.trainer.skipped[ROLES.index(role)] += flag
 
     def generator_phase(self):
-        if self.freeze_fake_score:
-            return frozen_parameters(self.trainer.fake_score)
-        return contextlib.nullcontext()
+        return frozen_if(self.freeze_fake_score, self.trainer.fake_score)
 
     @contextlib.contextmanager
     def ema_pairs(self):
