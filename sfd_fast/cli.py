@@ -18,7 +18,7 @@ import sys
 # name -> ("module:function" taking argv, one-line summary); imported only when the command runs,
 # so `sfd-fast train` on a digits run never imports diffusers.
 COMMANDS = {
-    "train": ("sfd_fast.train:main", "train an SFD run (a JSON config) or resume one"),
+    "train": ("sfd_fast.train:cli", "train an SFD run (a JSON config) or resume one"),
     "sample": ("sfd_fast.families:sample_main", "samples of a run: SD prompt grids, ddpm class folders"),
     "export": ("sfd_fast.families:export_main", "export a run: SD diffusers folder, ddpm reference checkpoint"),
     "import-config": ("sfd_fast.ddpm.import_config:main", "a reference SFD config (DDPM YAML / SD flags) -> JSON"),

@@ -248,5 +248,15 @@ def dry_run(cfg, parts, device) -> dict:
     return report
 
 
+def cli(argv=None) -> dict:
+    """`python sfd_fast/train.py`, `deepspeed sfd_fast/train.py`, `sfd-fast train`: a run, then
+    (DeepSpeed) the process group closed on every rank. A failed run leaves it to the exit: a
+    barrier there could wait for a rank that already died."""
+    result = main(argv)
+    from sfd_fast.engine.distributed import shutdown_distributed
+    shutdown_distributed()
+    return result
+
+
 if __name__ == "__main__":
-    main()
+    cli()

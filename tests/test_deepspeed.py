@@ -98,6 +98,8 @@ WORKER = textwrap.dedent('''
                        "moved_after": any(not torch.equal(before[k], after_ok[k]) for k in before)}
                 Path(job["out"]).write_text(json.dumps(out))
         torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()   # as train.cli does: no gloo teardown at exit
 ''')
 
 
@@ -346,3 +348,34 @@ def test_activation_checkpointing_same_step(tmp_path):
 def test_gpu_telemetry_is_empty_without_gpu():
     from sfd_fast.engine.telemetry import gpu_telemetry
     assert gpu_telemetry(torch.device("cpu")) == {}
+
+
+@needs_ds
+@pytest.mark.slow
+def test_documented_deepspeed_launch_exits_cleanly(tmp_path):
+    """The README's command, `deepspeed --num_gpus 2 sfd_fast/train.py ...` (DeepSpeed's own launcher,
+    2 CPU ranks over gloo): both ranks train, rank 0 writes, and the launch exits 0 (train.cli closes
+    the process group on every rank before the interpreter's exit)."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    if not launcher.exists():
+        pytest.skip(f"the deepspeed launcher is not beside {sys.executable}")
+    cfg = tiny_digits_config(tmp_path)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PYTHONWARNINGS": "ignore"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    run = tmp_path / "run"
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()),
+                           str(ROOT / "sfd_fast" / "train.py"), "--config", cfg, "--run-dir", str(run),
+                           "--set", "engine.backend=deepspeed", "engine.zero_stage=2", "train.total_steps=2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert _stats(run)[-1]["step"] == 2
+    assert "deepspeed: world 2" in (run / "log.txt").read_text()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -27,6 +27,7 @@ WORKER = textwrap.dedent('''
         except SystemExit as e:
             print("EXIT", e.code, e, flush=True)
         torch.distributed.barrier()
+    torch.distributed.destroy_process_group()   # as train.cli does: no gloo teardown at exit
 ''')
 
 
@@ -72,7 +73,9 @@ def test_ds_crashes_happened(ds_runs):
     for proc in ds_runs["crash"]:
         assert proc.returncode != 0, proc.stdout[-2000:]
         assert "SIGKILL" in proc.stderr or "Signal 9" in proc.stderr or "-9" in proc.stderr, proc.stderr[-3000:]
-    assert ds_runs["final"].returncode == 0, (ds_runs["final"].stdout[-3000:], ds_runs["final"].stderr[-3000:])
+    final = ds_runs["final"]
+    clues = [ln for ln in final.stderr.splitlines() if any(k in ln for k in ("terminate", "what()", "Error", "abort"))]
+    assert final.returncode == 0, (final.stdout[-2000:], clues[-40:], final.stderr[-3000:])
     assert "EXIT" not in ds_runs["final"].stdout
 
 

@@ -164,3 +164,12 @@ def barrier():
         torch.distributed.barrier()
 
 
+def shutdown_distributed():
+    """After a successful run: every rank meets once more, then the process group is torn down
+    explicitly. Left to the interpreter's exit, gloo's destructor can race a peer that already
+    closed its sockets and abort the process (SIGABRT) after all the work was done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
