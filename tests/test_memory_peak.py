@@ -22,6 +22,7 @@ Nothing here depends on one CPU's rounding: the bytes are tensor sizes, fixed by
 from __future__ import annotations
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -54,11 +55,12 @@ def _live_storages() -> dict[int, int]:
     """{address: bytes} of every CPU tensor storage reachable from Python right now."""
     gc.collect()
     storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            s = obj.untyped_storage()
-            if s.data_ptr():
-                storages[s.data_ptr()] = s.nbytes()
+    with warnings.catch_warnings():   # isinstance() on deprecated torch attributes warns; irrelevant here
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for t in tensors:
+        if t.device.type == "cpu" and t.untyped_storage().data_ptr():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return storages
 
 
