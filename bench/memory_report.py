@@ -2,46 +2,57 @@
 
     python bench/memory_report.py [--out docs/memory.md] [--micro-batch 1]
 
-Three SD1.5 UNets (859.5 M parameters each: teacher frozen, fake score and generator trained) plus
-the CLIP text encoder (123 M, frozen, bf16). Parameter counts and activation sizes come from the real
-SD1.5 shapes: diffusers' UNet2DConditionModel with SD1.5's config is built on the `meta` device (no
-memory, no compute) and one forward at 4x64x64 latents / 77x768 text is traced.
+Every term except activations comes from sfd_fast.engine.memory_model on BUILT objects: SD1.5's
+UNet (diffusers UNet2DConditionModel, SD1.5 config; teacher frozen, fake score and generator
+trained), CLIP ViT-L/14's text encoder and SD's VAE are constructed on the `meta` device (shapes
+and dtypes, no memory), the frozen ones cast to bf16 as sfd_fast/sd/build.py stores them, and
+memory_model's static_terms / phase_terms / combine count weights, EMA, optimizer state (Adam or
+bitsandbytes 8-bit Adam), DeepSpeed's fp32 masters, gradients, buckets and the optimizer step.
 
-Activation model (stated, not measured on a GPU):
-  * Attention as a flash / memory-efficient kernel saves it (q, k, v, out, log-sum-exp; no L x L
-    matrix): SDPA on CUDA in bf16, or xformers.
-  * A tensor saved for backward is counted once (deduplicated by identity), at the size autograd
-    saves it; the trace runs in bf16 (autocast-like compute: the sizes are those of bf16 activations).
-  * "full" pass: trained weights (saves inputs of every linear/conv for the weight gradient);
-    "input-only" pass: frozen weights, gradient to the input only (saves less: no weight-gradient
-    inputs). SFD's generator phase holds at once (spec §3): G (1 row per sample, full), the fake score
-    with CFG (2 rows, input-only) and the teacher with CFG (2 rows, input-only); remain and forget
-    rows ride in one batch, so a micro batch of b remain + b forget samples is 2b rows. The
-    fake-score phase holds the fake score with CFG (2 rows per sample, full); the peak is the max.
-  * Activation checkpointing (diffusers' enable_gradient_checkpointing: every ResNet and
-    Transformer2D block is a checkpoint unit): what is held is the unit inputs plus everything
-    outside units, plus, during the backward, one unit's activations at a time (the largest).
-  * Static memory per trained network: weights, gradients, fp32 master weights and Adam's two moments,
-    at the bytes per parameter of each configuration (table below); ZeRO-2 divides gradients,
-    masters and optimizer state by the number of GPUs. DeepSpeed's communication buckets
-    (reduce + allgather, bf16) are added as stated in the config; CUDA context and allocator
-    fragmentation are NOT included: a configuration "fits 24 GB" below only with >= 2 GiB to spare.
+Activations cannot come from memory_model's real-phase probe on the meta device (no compute); they
+come from a meta trace of one UNet forward at 4x64x64 latents / 77x768 text with memory_model's
+saved-tensor counter (trace_saved), per row, then assembled per phase (spec section 3):
+  * attention as a flash / memory-efficient kernel saves it (q, k, v, out, log-sum-exp; no L x L
+    matrix): SDPA on CUDA in bf16, or xformers; the trace runs in bf16;
+  * "full" pass: trained weights (saves the inputs of every linear/conv for the weight gradient);
+    "input-only": frozen weights, gradient to the input only. The generator phase holds at once G
+    (1 row per sample, full), the fake score with CFG (2 rows, input-only) and the teacher with CFG
+    (2 rows, input-only); the fake-score phase holds the fake score with CFG (2 rows, full). Remain
+    and forget ride in one batch: a micro-batch of b + b samples is 2b rows;
+  * activation checkpointing (every ResNet and Transformer2D block a unit): what is saved outside
+    the units, plus every unit's input, plus the largest unit (recomputed in the backward);
+  * plain bf16 autocast saves bf16 casts of the fp32 trained weights (the generator's, cached, and
+    the fake score's through FrozenView in the generator phase; the fake score's in its own phase):
+    2 B per parameter each, added to that phase (on CPU memory_model measures these directly).
+
+NOT modelled: the CUDA context and cuBLAS/cuDNN workspaces, allocator fragmentation and caching,
+the largest transient output between saved tensors, sampling/VAE decoding activations during a grid,
+ZeRO-3 prefetch buffers. Nothing here was measured on a GPU (no GPU has run this project yet);
+the model is checked against a measured CPU peak of a tiny configuration (tests/test_memory_peak.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sfd_fast.engine import memory_model  # noqa: E402
+
 GIB = 2**30
-TEXT_ENCODER_PARAMS = 123_060_480          # CLIP ViT-L/14 text model (SD1.5)
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-BUCKETS_ELEMS = 200_000_000 + 200_000_000   # reduce_bucket_size + allgather_bucket_size (build_deepspeed_config)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, sample_size=512, scaling_factor=0.18215)
 
 
 class _FlashLikeAttention(torch.autograd.Function):
@@ -66,106 +77,108 @@ def _sdpa_flash_like(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return _FlashLikeAttention.apply(q, k, v)
 
 
-def trace_unet(rows: int = 1):
-    """(params, full-pass activation bytes, input-only bytes, checkpointed bytes) per `rows` rows."""
+def build_meta_parts(precision: str = "bf16"):
+    """SD1.5's networks on the meta device, as sfd_fast/sd/build.py holds them: teacher, text encoder
+    and VAE frozen (bf16 under engine.precision=bf16), fake score and generator trained in fp32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    frozen = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        unets = [UNet2DConditionModel(**SD15_UNET) for _ in range(3)]
+        text, vae = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), AutoencoderKL(**SD15_VAE)
+    for m in (unets[0], text, vae):
+        m.to(frozen).requires_grad_(False)
+    for m in unets[1:]:
+        m.requires_grad_(True)
+    role = lambda net: NS(net=net)  # noqa: E731
+    return NS(teacher=role(unets[0]), fake_score=role(unets[1]), generator=role(unets[2]),
+              extra_state={"components": NS(text_encoder=text, vae=vae)})
+
+
+def trace_unet(rows: int = 1) -> tuple[int, dict]:
+    """(parameters, {"full" | "input_only": memory_model.trace_saved dict}) for one bf16 UNet, `rows` rows."""
     from diffusers import UNet2DConditionModel
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET).to(torch.bfloat16)
-    n_params = sum(p.numel() for p in unet.parameters())
-    param_ids = {id(p) for p in unet.parameters()}
-    units = [m for name, m in unet.named_modules()
-             if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
-    result = {}
+    units = memory_model.checkpoint_units(unet)
+    exclude = {id(p) for p in unet.parameters()}     # meta tensors: the trace keys by identity
+    out = {}
     for mode in ("full", "input_only"):
         unet.requires_grad_(mode == "full")
-        seen, per_unit, unit_inputs = set(), {}, {}
-        current = [None]
-
-        def pre(mod, args, kwargs):
-            current[0] = id(mod)
-            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
-            unit_inputs[id(mod)] = unit_inputs.get(id(mod), 0) + x.numel() * x.element_size()
-
-        def post(mod, args, out):
-            current[0] = None
-
-        hooks = [u.register_forward_pre_hook(pre, with_kwargs=True) for u in units]
-        hooks += [u.register_forward_hook(post) for u in units]
-
-        def pack(t):
-            if id(t) in param_ids or id(t) in seen:
-                return t
-            seen.add(id(t))
-            per_unit[current[0]] = per_unit.get(current[0], 0) + t.numel() * t.element_size()
-            return t
-
         x = torch.randn(rows, 4, 64, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
         t = torch.full((rows,), 500, device="meta", dtype=torch.long)
         ctx = torch.randn(rows, 77, 768, device="meta", dtype=torch.bfloat16)
         real_sdpa = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = _sdpa_flash_like
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                unet(x, t, encoder_hidden_states=ctx)
+            out[mode] = memory_model.trace_saved(lambda: unet(x, t, encoder_hidden_states=ctx), units, exclude)
         finally:
             torch.nn.functional.scaled_dot_product_attention = real_sdpa
-        for h in hooks:
-            h.remove()
-        total = sum(per_unit.values())
-        outside = per_unit.get(None, 0)
-        unit_vals = [v for k, v in per_unit.items() if k is not None]
-        ckpt = outside + sum(unit_inputs.values()) + max(unit_vals)
-        result[mode] = (total, ckpt)
-    return n_params, result
+    return sum(p.numel() for p in unet.parameters()), out
 
 
-# bytes per parameter of ONE trained network: (weights, grads, fp32 master, optimizer state);
-# sharded=True: grads/master/optimizer are divided by the number of GPUs (ZeRO-2)
+# name, GPUs, backend, optimizer, activation checkpointing, EMA (all bf16)
 CONFIGS = [
-    # name, gpus, weights, grads, master, optim, sharded, checkpointing, buckets
-    ("plain bf16 autocast + Adam (fp32 weights = masters)", 1, 4 + 2, 4, 0, 8, False, False, False),
-    ("ZeRO-2 bf16 + Adam", 1, 2, 2, 4, 8, True, False, True),
-    ("ZeRO-2 bf16 + Adam", 4, 2, 2, 4, 8, True, False, True),
-    ("ZeRO-2 bf16 + Adam", 8, 2, 2, 4, 8, True, False, True),
-    ("ZeRO-2 bf16 + 8-bit Adam", 1, 2, 2, 4, 2, True, False, True),
-    ("ZeRO-2 bf16 + 8-bit Adam", 4, 2, 2, 4, 2, True, False, True),
-    ("ZeRO-2 bf16 + 8-bit Adam", 8, 2, 2, 4, 2, True, False, True),
-    ("ZeRO-2 bf16 + 8-bit Adam + act. ckpt", 1, 2, 2, 4, 2, True, True, True),
-    ("ZeRO-2 bf16 + 8-bit Adam + act. ckpt", 4, 2, 2, 4, 2, True, True, True),
-    ("ZeRO-2 bf16 + 8-bit Adam + act. ckpt", 8, 2, 2, 4, 2, True, True, True),
+    ("plain bf16 autocast + Adam", 1, "plain", "adam", False, False),
+    ("ZeRO-2 + Adam", 1, "deepspeed", "adam", False, False),
+    ("ZeRO-2 + Adam", 4, "deepspeed", "adam", False, False),
+    ("ZeRO-2 + Adam", 8, "deepspeed", "adam", False, False),
+    ("ZeRO-2 + 8-bit Adam", 1, "deepspeed", "adam8bit", False, False),
+    ("ZeRO-2 + 8-bit Adam", 4, "deepspeed", "adam8bit", False, False),
+    ("ZeRO-2 + 8-bit Adam + act. ckpt", 1, "deepspeed", "adam8bit", True, False),
+    ("ZeRO-2 + 8-bit Adam + act. ckpt + EMA", 1, "deepspeed", "adam8bit", True, True),
+    ("ZeRO-2 + 8-bit Adam + act. ckpt", 4, "deepspeed", "adam8bit", True, False),
 ]
 
 
+def config_for(backend, optimizer, ckpt, ema) -> NS:
+    """The fields of sfd_fast.config.Config that memory_model reads."""
+    return NS(engine=NS(backend=backend, zero_stage=2, precision="bf16", optimizer=optimizer,
+                        activation_checkpointing=ckpt),
+              train=NS(ema=NS(decay=None, halflife_kimg=0.5 if ema else 0.0)))
+
+
 def report(micro_batch: int = 1) -> tuple[str, list[dict]]:
+    parts = build_meta_parts("bf16")
     P, acts = trace_unet(rows=1)
-    full, full_ck = acts["full"]
-    inp, inp_ck = acts["input_only"]
-    rows = 2 * micro_batch  # remain + forget rows per micro batch
+    rows = 2 * micro_batch                     # remain + forget rows per micro-batch
     out = []
-    for name, gpus, w, g, m, o, sharded, ckpt, buckets in CONFIGS:
-        div = gpus if sharded else 1
-        trained = P * (w + (g + m + o) / div)
-        static = 2 * trained + 2 * P + 2 * TEXT_ENCODER_PARAMS   # + bf16 teacher + bf16 text encoder
-        if buckets:
-            static += 2 * BUCKETS_ELEMS
-        a_full, a_inp = (full_ck, inp_ck) if ckpt else (full, inp)
-        g_phase = rows * a_full + 2 * rows * a_inp * 2          # G (1x) + fake CFG (2x) + teacher CFG (2x)
-        f_phase = 2 * rows * a_full                              # fake score with CFG, full
-        act = max(g_phase, f_phase)
-        total = static + act
-        out.append(dict(name=name, gpus=gpus, static=static, act=act, total=total,
-                        fits24=total <= 22 * GIB))
-    head = (f"UNet parameters (SD1.5 shapes, traced): {P:,} (x3: teacher, fake score, generator); "
-            f"text encoder {TEXT_ENCODER_PARAMS:,}.\n\n"
-            f"Activations saved for backward per UNet row at 4x64x64 (bf16): full pass {full / GIB:.2f} GiB, "
-            f"input-only pass {inp / GIB:.2f} GiB; with activation checkpointing {full_ck / GIB:.2f} / "
-            f"{inp_ck / GIB:.2f} GiB.\nMicro batch: {micro_batch} remain + {micro_batch} forget sample(s) per GPU "
-            f"({rows} rows), CFG on in all three places.\n")
-    lines = ["| configuration | GPUs | static / GPU (GiB) | activations (GiB) | analytic peak / GPU (GiB) | "
-             "fits 24 GB | measured |", "|---|---|---|---|---|---|---|"]
+    for name, gpus, backend, optimizer, ckpt, ema in CONFIGS:
+        cfg = config_for(backend, optimizer, ckpt, ema)
+        per_row = {m: (a["outside"] + a["unit_inputs"] + a["largest_unit"]) if ckpt else a["full"]
+                   for m, a in acts.items()}
+        activations = {"fake_score": 2 * rows * per_row["full"],
+                       "generator": rows * per_row["full"] + 2 * 2 * rows * per_row["input_only"]}
+        if backend == "plain":                 # autocast's bf16 casts of the fp32 trained weights
+            activations["fake_score"] += 2 * P
+            activations["generator"] += 2 * 2 * P
+        static = memory_model.static_terms(cfg, parts, gpus)
+        phases = {r: memory_model.phase_terms(cfg, parts, gpus, r) for r in memory_model.ROLES}
+        est = memory_model.combine(static, phases, activations)
+        base = est["weights"] + est["ema"] + est["optimizer"] + est["masters"]
+        est.update(name=name, gpus=gpus, grid=base + est["sampling_copy"], fits24=est["total"] <= 22 * GIB)
+        out.append(est)
+    g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    wb = out[0]["weights_by_network"]
+    head = (f"UNet parameters (SD1.5 config, built on the meta device): {P:,} (x3: teacher, fake score, "
+            f"generator). Weights as held under bf16: teacher {g(wb['teacher'])} GiB, text encoder "
+            f"{g(wb['text_encoder'])} GiB, VAE {g(wb['vae'])} GiB (frozen, bf16); fake score and generator "
+            f"{g(wb['generator'])} GiB each in fp32 (plain) or bf16 module weights + fp32 masters (DeepSpeed).\n\n"
+            f"Activations saved for backward per UNet row at 4x64x64 (bf16, meta trace): full pass "
+            f"{g(acts['full']['full'])} GiB, input-only {g(acts['input_only']['full'])} GiB; with activation "
+            f"checkpointing {g(acts['full']['outside'] + acts['full']['unit_inputs'] + acts['full']['largest_unit'])}"
+            f" / {g(acts['input_only']['outside'] + acts['input_only']['unit_inputs'] + acts['input_only']['largest_unit'])}"
+            f" GiB.\nMicro-batch: {micro_batch} remain + {micro_batch} forget sample(s) per GPU ({rows} rows), "
+            f"CFG on in all three places; bf16 everywhere.\n")
+    lines = ["| configuration | GPUs | weights | optimizer + masters | EMA | peak phase | activations | "
+             "gradients (+ bucket / step) | **training peak** | during a grid | fits 24 GB | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out:
-        lines.append(f"| {r['name']} | {r['gpus']} | {r['static'] / GIB:.1f} | {r['act'] / GIB:.1f} | "
-                     f"{r['total'] / GIB:.1f} | {'yes' if r['fits24'] else 'no'} | not measured |")
+        extra = r["phase_peaks"][r["peak_phase"]] - (r["activations"] if r["peak_phase"].endswith("backward") else 0)
+        lines.append(f"| {r['name']} | {r['gpus']} | {g(r['weights'])} | {g(r['optimizer'] + r['masters'])} | "
+                     f"{g(r['ema'])} | {r['peak_phase']} | "
+                     f"{g(r['activations']) if r['peak_phase'].endswith('backward') else '-'} | {g(extra)} | "
+                     f"**{g(r['total'])}** | {g(r['grid'])} | {'yes' if r['fits24'] else 'no'} | not measured |")
     return head + "\n" + "\n".join(lines) + "\n", out
 
 
@@ -176,28 +189,36 @@ def main(argv=None):
     a = p.parse_args(argv)
     text, rows = report(a.micro_batch)
     fits = [f"{r['name']} on {r['gpus']} GPU(s)" for r in rows if r["fits24"]]
+    key = next(r for r in rows if r["name"] == "ZeRO-2 + 8-bit Adam + act. ckpt" and r["gpus"] == 1)
+    ema = next(r for r in rows if r["name"].endswith("+ EMA"))
+    g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     doc = ("# Memory: SFD on the SD1.5 architecture, analytic peak per GPU\n\n"
-           "Generated by `python bench/memory_report.py --out docs/memory.md` (CPU-only: the UNet is "
-           "traced on the meta device). No CUDA machine has run this project's SD configurations yet, so "
-           "every row is analytic and marked \"not measured\".\n\n" + text +
-           "\nBytes per parameter of each trained network (fake score, generator): plain = fp32 weights "
-           "(also the master) 4 + autocast's bf16 weight copy 2, fp32 grads 4, Adam 8. ZeRO-2 = bf16 weights 2 "
-           "(replicated) + (bf16 grads 2 + fp32 master 4 + Adam 8, or 8-bit Adam 2) / GPUs. Teacher and text "
-           "encoder: bf16, frozen, replicated. ZeRO-2 rows include DeepSpeed's buckets (reduce + allgather, "
-           "2 x 2e8 elements in bf16 = 0.75 GiB; configs/ds_zero2.json uses 5e7 each).\n\n"
-           "What the code does against these assumptions (issue #10): under engine.precision=bf16 the "
-           "teacher, text encoder and VAE ARE stored in bf16 (sfd_fast/sd/build.py, tested); the DeepSpeed "
-           "backend without EMA still keeps an fp32 snapshot of the generator for sampling (859.5 M x 4 B = "
-           "3.2 GiB on SD1.5), NOT counted in the table; the VAE (83.7 M, bf16: 0.16 GiB) is not counted "
-           "either. This table is analytic: it is not yet computed from the built objects nor checked "
-           "against a measured peak.\n\n"
-           "\"fits 24 GB\" = analytic peak <= 22 GiB (2 GiB left for the CUDA context, cuBLAS/cuDNN "
-           "workspaces and allocator fragmentation, none of which is modelled).\n\n"
-           "**Fits a 24 GB card:** " + "; ".join(fits) + ".\n\n"
-           "The smallest setup that fits is ONE GPU with ZeRO-2 (a no-op for sharding at world size 1, but "
-           "it keeps bf16 weights with fp32 masters), 8-bit Adam and activation checkpointing. Without "
-           "checkpointing the generator phase's live graph (G + fake score with CFG + teacher with CFG, "
-           "5 UNet activation sets per sample) alone needs about 12 GiB at 1 remain + 1 forget sample.\n")
+           "Generated by `python bench/memory_report.py --out docs/memory.md` on a CPU: the networks are "
+           "built on the meta device and counted by `sfd_fast.engine.memory_model` (the model a run's "
+           "own parts are estimated with). **Analytic, not measured:** no GPU has run this project's SD "
+           "configurations yet, so every row is marked \"not measured\". The model itself is checked "
+           "against a measured CPU peak of a tiny SD configuration (tests/test_memory_peak.py: model / "
+           "measured 1.08 in fp32, 1.10 in bf16; the bound asked for is 15%).\n\n" + text +
+           "\nColumns (GiB per GPU): weights of every network as held (frozen teacher / text encoder / VAE "
+           "in bf16; trained networks fp32 in plain, bf16 module weights under DeepSpeed); optimizer state "
+           "(Adam fp32 m + v, or bitsandbytes 8-bit) + DeepSpeed's fp32 masters, both divided by the GPUs "
+           "under ZeRO-2; EMA = a persistent fp32 generator copy; the phase with the largest peak and what it "
+           "adds: saved activations and gradients (+ DeepSpeed's reduce bucket, 2e8 elements) during a "
+           "backward, or DeepSpeed's optimizer step (its gradient partition + an fp32 copy of it, read "
+           "from deepspeed/runtime/zero/stage_1_and_2.py, not measured); training peak = the static terms + "
+           "that phase; during a grid = static terms + the temporary fp32 generator copy that the "
+           "DeepSpeed backend builds on rank 0 for sampling when EMA is off (freed afterwards), sampling "
+           "activations not included.\n\n"
+           "NOT modelled: the CUDA context and cuBLAS/cuDNN workspaces, allocator fragmentation and "
+           "caching, transient outputs between saved tensors, sampling / VAE decoding activations, "
+           "ZeRO-3 prefetch buffers. \"fits 24 GB\" = analytic training peak <= 22 GiB, leaving 2 GiB "
+           "for all of that.\n\n"
+           f"**The 24 GB configuration** (one GPU, DeepSpeed ZeRO-2 in a world of one, bf16, 8-bit Adam, "
+           f"activation checkpointing, micro-batch 1 remain + 1 forget, EMA off): analytic training peak "
+           f"{g(key['total'])} (at the {key['peak_phase'].replace('_', ' ')}), {g(key['grid'])} during a grid "
+           f"(the temporary fp32 copy: {g(key['sampling_copy'])}). With EMA on: {g(ema['total'])}, above "
+           f"the 22 GiB line. Plain bf16 autocast + Adam on one GPU: {g(rows[0]['total'])}.\n\n"
+           "**Fits a 24 GB card (analytic):** " + "; ".join(fits) + ".\n")
     print(doc)
     if a.out:
         Path(a.out).write_text(doc)

@@ -228,6 +228,7 @@ class SFDTrainer:
             self.save_grid("step-00000000.png")
             if eval_every:
                 self.evaluate_during()
+            self.backend.release_sampling()   # DeepSpeed without EMA: free the temporary fp32 copy
         show_bar = cfg.progress and sys.stderr.isatty() and self.backend.is_rank0
         bar = tqdm(total=total, initial=self.step, desc="SFD", unit="step", dynamic_ncols=True) if show_bar else None
         reset_peak_memory(self.device)
@@ -245,6 +246,8 @@ class SFDTrainer:
                 self.save_grid(f"step-{self.step:08d}.png")
             if eval_every and (self.step % eval_every == 0 or self.step == total):
                 self.evaluate_during()
+            if self.step != total:
+                self.backend.release_sampling()   # grid + eval share one copy; the last is kept (finish)
             saved = self.step % cfg.checkpoint_every == 0 or self.step == total
             if saved:
                 self.save()

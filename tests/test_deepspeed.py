@@ -97,6 +97,36 @@ WORKER = textwrap.dedent('''
                        "skipped": tr.skipped.tolist(),
                        "moved_after": any(not torch.equal(before[k], after_ok[k]) for k in before)}
                 Path(job["out"]).write_text(json.dumps(out))
+        elif job["kind"] == "ema_off":  # no persistent fp32 generator copy without EMA (issue #10)
+            from sfd_fast.config import load_config
+            from sfd_fast.digits.build import build_parts as build_digits_parts
+            from sfd_fast.engine.distributed import init_distributed
+            from sfd_fast.trainer import SFDTrainer
+            cfg = load_config(job["config"], job["set"])
+            device = init_distributed(cfg)
+            rank = torch.distributed.get_rank()
+            run_dir = Path(job["run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(cfg.run.seed)
+            tr = SFDTrainer(cfg, build_digits_parts(cfg), run_dir, device)
+            b = tr.backend
+            meta = lambda: all(p.is_meta for p in tr.generator_ema.net.parameters())
+            out = {"meta_at_start": meta()}
+            tr.train_step(); tr.train_step()
+            gen = b.sampling_generator()
+            masters = b._full_fp32(tr.generator.net)
+            out["meta_while_sampling"] = meta()
+            if rank == 0:
+                out["copy_is_masters"] = all(torch.equal(v, masters[k]) for k, v in gen.net.state_dict().items())
+                out["copy_dtypes"] = sorted({str(v.dtype) for v in gen.net.state_dict().values()})
+            b.release_sampling()
+            out["meta_after_release"] = meta()
+            tr.train(4)      # grids at steps 3 (released after) and 4 (kept by finish for the evaluation)
+            out["meta_after_finish"] = meta()
+            if rank == 0:
+                from safetensors.torch import load_file
+                final = load_file(str(run_dir / "checkpoints" / "step-00000004" / "generator.safetensors"))
+                out["final_copy_is_export"] = all(torch.equal(v, final[k]) for k, v in tr.generator_ema.net.state_dict().items())
+            Path(job["out"] + f".rank{rank}").write_text(json.dumps(out))
         torch.distributed.barrier() if torch.distributed.is_initialized() else None
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()   # as train.cli does: no gloo teardown at exit
@@ -145,6 +175,9 @@ def runs(tmp_path_factory):
     for s in (0, 2, 3):   # ZeRO-0: the optimizer's own guard; ZeRO 1-3: DeepSpeed's overflow check
         jobs.append({"kind": "nan", "config": cfg, "run_dir": str(tmp / f"z{s}_nan"), "out": str(tmp / f"nan{s}.json"),
                      "set": ["engine.backend=deepspeed", f"engine.zero_stage={s}"]})
+    jobs.append({"kind": "ema_off", "config": cfg, "run_dir": str(tmp / "z2_ema_off"), "out": str(tmp / "ema_off.json"),
+                 "set": ["engine.backend=deepspeed", "engine.zero_stage=2", "engine.precision=bf16",
+                         "train.ema.halflife_kimg=0", "train.sample_every=1", "train.checkpoint_every=4"]})
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     (tmp / "worker.py").write_text(WORKER)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
@@ -253,6 +286,21 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks(runs, stage):
     assert out["skipped"] == [1.0, 1.0], out
     assert out["moved_after"], out
 
+
+@needs_ds
+def test_no_persistent_fp32_generator_copy_without_ema(runs):
+    """DeepSpeed without EMA: the sampling generator is a meta-device skeleton (no storage) except
+    while a grid/evaluation needs it, and then on rank 0 only; the temporary copy holds exactly the
+    fp32 master weights; the copy kept after the run is the exported final generator."""
+    r0, r1 = (json.loads((runs["tmp"] / f"ema_off.json.rank{r}").read_text()) for r in (0, 1))
+    assert r0["meta_at_start"] and r1["meta_at_start"]
+    assert not r0["meta_while_sampling"] and r1["meta_while_sampling"]
+    assert r0["copy_is_masters"] and r0["copy_dtypes"] == ["torch.float32"]
+    assert r0["meta_after_release"] and r1["meta_after_release"]
+    assert not r0["meta_after_finish"] and r1["meta_after_finish"]
+    assert r0["final_copy_is_export"]
+    grids = sorted(p.name for p in (runs["tmp"] / "z2_ema_off" / "samples").glob("*.png"))
+    assert grids == ["step-00000003.png", "step-00000004.png"]
 
 # ------------------------------------------------------------------------------- bad input (no launch)
 

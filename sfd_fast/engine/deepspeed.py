@@ -74,6 +74,38 @@ class _ModuleX0:
         return self.denoiser.x0(x_t, t, cond, uncond, guidance)
 
 
+def _meta_skeleton(generator: nn.Module) -> nn.Module:
+    """A copy of `generator` whose parameters and persistent buffers are fp32 tensors on the meta
+    device (no storage): deepcopy's memo maps each of them to its meta stand-in, so nothing of the
+    size of the network is ever allocated. Non-persistent buffers (not in the state dict, so not
+    refilled from the gathered weights) are copied for real; they are small (e.g. position tables)."""
+    def meta(v, param: bool):
+        dtype = torch.float32 if v.is_floating_point() else v.dtype
+        m = torch.empty(v.shape, dtype=dtype, device="meta")
+        return nn.Parameter(m, requires_grad=False) if param else m
+    memo = {}
+    for mod in generator.net.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                memo[id(p)] = meta(p, True)
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                memo[id(b)] = meta(b, False)
+    return copy.deepcopy(generator, memo).requires_grad_(False)
+
+
+def _swap_storage(net: nn.Module, device: torch.device) -> None:
+    """Give every parameter and persistent buffer of `net` fresh (uninitialised) storage on `device`;
+    device "meta" frees it. In place, so module objects (and attention processors) stay the same."""
+    for mod in net.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                mod._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                mod._buffers[name] = torch.empty_like(b, device=device)
+
+
 def _slice_draws(d: PhaseDraws, idx: torch.Tensor) -> PhaseDraws:
     c = d.cond
     pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
@@ -112,11 +144,14 @@ class DeepSpeedBackend:
                 atomic_write_text(t.run_dir / f"deepspeed_{r}.json", json.dumps(d, indent=1))
                 log.info("deepspeed %s config: %s", r, json.dumps(d))
         if not t.ema_enabled:
-            # generator_ema is always a plain fp32 module (copied before DeepSpeed touches the
-            # generator): sampling/eval on rank 0 never enters a collective. Without EMA it is a
-            # snapshot of the fp32 master weights, refreshed before every grid, checkpoint and at the end.
-            t.generator_ema = copy.deepcopy(t.generator).float().requires_grad_(False)
-        self.snapshot_step = 0
+            # Sampling/eval on rank 0 needs a plain fp32 module (it never enters a collective). Without
+            # EMA that is a copy of the fp32 master weights, but a PERSISTENT one would cost 4 B per
+            # generator parameter for the whole run (3.2 GiB on SD1.5). So generator_ema is a
+            # meta-device skeleton (structure, attention processors, no storage), copied before
+            # DeepSpeed touches the generator; sampling_generator() materialises it on rank 0 only,
+            # release_sampling() returns it to meta, finish() keeps the final copy for the evaluation.
+            t.generator_ema = _meta_skeleton(t.generator)
+        self.snapshot_step = -1     # the step the materialised copy holds (-1: none)
         o = cfg.optim
         params = {"fake_score": [p for p in t.fake_score.parameters() if p.requires_grad],
                   "generator": [p for p in t.generator.parameters() if p.requires_grad]}
@@ -188,9 +223,17 @@ class DeepSpeedBackend:
         return stats
 
     def sampling_generator(self):
-        """Collective (all ranks): without EMA, refresh the fp32 snapshot of the master weights."""
+        """Collective (all ranks): without EMA, rank 0 gets an fp32 copy of the master weights (a
+        temporary: release_sampling() frees it); the other ranks take part in the gather only."""
         self._refresh_snapshot()
         return self.trainer.generator_ema
+
+    def release_sampling(self) -> None:
+        """Free the temporary fp32 copy (no-op with EMA: the EMA copy is the run's state)."""
+        if not self.trainer.ema_enabled and self.snapshot_step >= 0:
+            if self.is_rank0:
+                _swap_storage(self.trainer.generator_ema.net, torch.device("meta"))
+            self.snapshot_step = -1    # on every rank: the next refresh is a collective all enter
 
     # ---------------------------------------------------------------- helpers
     @contextlib.contextmanager
@@ -223,11 +266,16 @@ class DeepSpeedBackend:
                 v.copy_(sd[k].to(v.device, v.dtype))
 
     def _refresh_snapshot(self):
+        """Without EMA: gather the fp32 masters (collective) and load them into rank 0's copy."""
         t = self.trainer
         if t.ema_enabled or self.snapshot_step == t.step:
             return
-        self._load_full_into(t.generator_ema.net, self._full_fp32(t.generator.net))
-        self.snapshot_step = t.step
+        full = self._full_fp32(t.generator.net)
+        if self.is_rank0:
+            if self.snapshot_step < 0:    # still a skeleton: allocate its storage
+                _swap_storage(t.generator_ema.net, t.device)
+            self._load_full_into(t.generator_ema.net, full)
+        self.snapshot_step = t.step       # on every rank, so that all skip or all gather
 
     def barrier(self) -> None:
         barrier()
@@ -296,7 +344,5 @@ class DeepSpeedBackend:
         t.rng.set_state(rng[f"rng_rank{self.rank}"] if self.rng_mode == "per_rank" else rng["rng"])
         if f"task_rng_rank{self.rank}" in rng and hasattr(t.parts.task, "set_rng_state"):
             t.parts.task.set_rng_state(rng[f"task_rng_rank{self.rank}"])
-        self.snapshot_step = -1
-        t.step = state["step"]   # the snapshot refresh below compares against it
-        self._refresh_snapshot()
+        self.release_sampling()   # a copy of other weights must not pass for this step's
         return state

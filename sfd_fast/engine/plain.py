@@ -15,6 +15,7 @@ loop itself (trainer.py) exists once. Its interface, which engine/deepspeed.py i
     ema_pairs()                 context -> (ema params, generator params) for the EMA lerp
     reduce_stats(stats)         per-rank sums -> global sums (a collective under DeepSpeed)
     sampling_generator()        the module to sample grids/evaluation from (collective under DeepSpeed)
+    release_sampling()          after grids/evaluation: DeepSpeed frees its temporary fp32 copy
     save(state) -> Path         one atomic checkpoint folder; load(ckpt) -> trainer state dict
     barrier(), finish()
 """
@@ -95,6 +96,9 @@ class PlainBackend:
 
     def sampling_generator(self):
         return self.trainer.generator_ema
+
+    def release_sampling(self) -> None:
+        pass    # generator_ema is the EMA copy (run state) or the generator itself: nothing to free
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, state: dict) -> Path:

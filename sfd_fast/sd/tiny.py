@@ -189,13 +189,15 @@ def _write_vocab_files(d: Path, vocab: dict[str, int], merges: list[str]) -> Non
 
 
 def build_tiny_sd(out_dir, prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 16,
-                  extra_texts=()) -> Path:
+                  extra_texts=(), block_out_channels: tuple = (32, 64)) -> Path:
     """Write a tiny random SD1.5-shaped pipeline to `out_dir` and return it as a Path.
 
     prediction_type: "epsilon" or "v_prediction" (stored in scheduler/scheduler_config.json).
     seed: weights are initialised under a forked, seeded torch RNG (global RNG state untouched).
     sample_size: latent side (pixels = 8 * sample_size).
     extra_texts: extra strings whose words are added to the tokenizer's merges.
+    block_out_channels: the UNet's two widths (multiples of 16, the GroupNorm groups); wider UNets
+        make weights and activations dominate allocator noise (tests/test_memory_peak.py).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -208,7 +210,7 @@ def build_tiny_sd(out_dir, prediction_type: str = "epsilon", seed: int = 0, samp
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=sample_size, in_channels=4, out_channels=4,
-            block_out_channels=(32, 64), layers_per_block=1,
+            block_out_channels=tuple(block_out_channels), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
