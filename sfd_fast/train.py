@@ -154,12 +154,17 @@ def _main(argv=None) -> dict:
     # 3. the trainer, before anything is written: train.micro_batch "auto" estimates and probes here
     #    (engine/autobatch.py) and refuses, with what to do, when not even a micro-batch of 1 fits
     from sfd_fast.trainer import SFDTrainer
-    trainer = SFDTrainer(cfg, parts, None, device)
+    held = HeldRecords()     # what the trainer logs now (auto choice, acceleration) goes to log.txt too
+    log.addHandler(held)
+    try:
+        trainer = SFDTrainer(cfg, parts, None, device)
+    finally:
+        log.removeHandler(held)
     if args.dry_run:
         return dry_run(cfg, trainer, device)
     # 4. the run directory, locked for the run's life (rank 0 writes)
     from sfd_fast.rundir import RunLock
-    lock = open_run_dir(run_dir) if rank0 else None
+    lock = open_run_dir(run_dir, held.records) if rank0 else None
     try:
         trainer.attach_run_dir(run_dir)
         return train_run(args, cfg, trainer, run_dir, device, rank0, changes)
@@ -173,8 +178,20 @@ def _main(argv=None) -> dict:
                 h.close()
 
 
-def open_run_dir(run_dir: Path):
-    """Create and lock the run directory, remove leftovers of interrupted writes, log into it."""
+class HeldRecords(logging.Handler):
+    """Keeps log records emitted before the run directory exists, for its log.txt."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def open_run_dir(run_dir: Path, held: list = ()):
+    """Create and lock the run directory, remove leftovers of interrupted writes, log into it
+    (first the `held` records, logged while the trainer was built)."""
     from sfd_fast.checkpoint import remove_stale_temporaries
     from sfd_fast.errors import UserError
     from sfd_fast.rundir import RunLock
@@ -184,9 +201,11 @@ def open_run_dir(run_dir: Path):
     except OSError as e:
         raise UserError(f"run directory {run_dir} cannot be created or locked ({e.strerror or e}); choose "
                         "another --run-dir (or run.root)") from None
+    fh = setup_logging(run_dir)
+    for record in held:
+        fh.handle(record)
     for path in remove_stale_temporaries(run_dir):
         log.info("removed %s (left by an interrupted write)", path)
-    setup_logging(run_dir)
     return lock
 
 
@@ -201,8 +220,6 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
     from sfd_fast.families import family, resolve
     from sfd_fast.rundir import record_resume, trim_stats
     parts = trainer.parts
-    if trainer.micro_batch_choice is not None:
-        log.info(trainer.micro_batch_choice["message"])
     if not args.resume and rank0:
         trim_stats(run_dir, 0)   # a run that died before its first checkpoint left stats behind
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
@@ -246,8 +263,6 @@ def dry_run(cfg, trainer, device) -> dict:
               for role, net in (("teacher", trainer.teacher), ("fake_score", trainer.fake_score),
                                 ("generator", trainer.generator))}
     choice = trainer.micro_batch_choice
-    if choice is not None:
-        log.info(choice["message"])
     micro = {"micro_batch": cfg.train.batch_size // cfg.train.grad_accum, "grad_accum": cfg.train.grad_accum,
              "auto": None if choice is None else {k: v for k, v in choice.items() if k != "tried"}}
     reset_peak_memory(device)

@@ -142,6 +142,11 @@ def runs(tmp_path_factory):
                                                    "train.total_steps=2", "train.checkpoint_every=2")]})
     jobs.append({"kind": "train", "argv": ["--config", cfg, "--run-dir", str(tmp / "z2_bf16"),
                                            *ds("engine.zero_stage=2", "engine.precision=bf16")]})
+    # train.micro_batch "auto" under ZeRO-2 with a cap that fits 2 rows per rank but not 4: the
+    # micro-batch of the z2 job (8 = 2 rows x grad_accum 2 x world 2), chosen and agreed on both ranks
+    jobs.append({"kind": "train", "argv": ["--config", cfg, "--run-dir", str(tmp / "z2_auto"),
+                                           *ds("engine.zero_stage=2", "train.grad_accum=1", "train.micro_batch=auto",
+                                               f"engine.memory_limit_gib={_auto_cap(cfg)!r}")]})
     for s in (0, 2, 3):   # ZeRO-0: the optimizer's own guard; ZeRO 1-3: DeepSpeed's overflow check
         jobs.append({"kind": "nan", "config": cfg, "run_dir": str(tmp / f"z{s}_nan"), "out": str(tmp / f"nan{s}.json"),
                      "set": ["engine.backend=deepspeed", f"engine.zero_stage={s}"]})
@@ -159,6 +164,17 @@ def runs(tmp_path_factory):
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return out
+
+
+def _auto_cap(cfg_path) -> float:
+    """engine.memory_limit_gib whose auto budget fits 2 rows per rank under ZeRO-2 in a world of 2, not 4."""
+    from sfd_fast.digits.build import build_parts
+    from sfd_fast.engine.autobatch import HEADROOM
+    from sfd_fast.engine.memory import micro_batch_estimator
+    cfg = load_config(cfg_path, ["engine.backend=deepspeed", "engine.zero_stage=2"])
+    torch.manual_seed(cfg.run.seed)
+    need = micro_batch_estimator(cfg, build_parts(cfg), torch.device("cpu"), world=2)
+    return (need(2)["need"] + need(4)["need"]) / 2 / HEADROOM / 2 ** 30
 
 
 def _assert_close_losses(a, b, rtol, atol):
@@ -255,6 +271,21 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks(runs, stage):
 
 
 # ------------------------------------------------------------------------------- bad input (no launch)
+
+@needs_ds
+def test_auto_micro_batch_under_zero2_is_agreed_recorded_and_equals_the_explicit_run(runs):
+    auto, explicit = runs["tmp"] / "z2_auto", runs["tmp"] / "z2"
+    saved = json.loads((auto / "config.json").read_text())["train"]
+    assert saved["micro_batch"] == 4 and saved["grad_accum"] == 2          # global: 2 rows x world 2
+    for role in ("generator", "fake_score"):
+        ds = json.loads((auto / f"deepspeed_{role}.json").read_text())
+        assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
+    line = [l for l in (auto / "log.txt").read_text().splitlines() if "train.micro_batch=auto" in l]
+    assert len(line) == 1 and "-> 2 remain + 2 forget rows per micro-batch on each of 2 rank(s)" in line[0]
+    assert _losses(auto) == _losses(explicit)
+    a, b = _final(auto), _final(explicit)
+    assert all(torch.equal(a[r][k], b[r][k]) for r in a for k in a[r])
+
 
 def test_zero_stage_out_of_range(tmp_path):
     with pytest.raises(ConfigError, match="engine.zero_stage"):

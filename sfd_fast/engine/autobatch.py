@@ -194,8 +194,8 @@ def agree_across_ranks(micro: int, device) -> int:
 
 
 def resolve_auto_micro_batch(trainer, world: int, estimator=None) -> dict:
-    """Choose, agree, and write the choice into trainer.cfg.train; returns the record (with the
-    one-line `message` the caller logs). `estimator(cfg, parts, device, world)` -> (micro -> dict
+    """Choose, agree, write the choice into trainer.cfg.train and log it in one line; returns the
+    record. `estimator(cfg, parts, device, world)` -> (micro -> dict
     with "need" and "adam" bytes); engine/memory.py's micro_batch_estimator by default."""
     cfg, dev, t = trainer.cfg, trainer.device, trainer.cfg.train
     rows = rows_per_rank(cfg, world)
@@ -227,6 +227,7 @@ def resolve_auto_micro_batch(trainer, world: int, estimator=None) -> dict:
     message = (f"train.micro_batch=auto -> {agreed} remain + {agreed} forget rows per micro-batch on each of "
                f"{world} rank(s), grad_accum {t.grad_accum}: estimate {fmt(estimate(agreed)['need'])}{peak}, "
                f"budget {fmt(budget)} = {HEADROOM:.0%} of limit {fmt(limit)}{cap_note(cfg)} ({why}; tried {tried})")
+    log.info(message)
     return {"micro_batch": t.micro_batch, "per_rank": agreed, "grad_accum": t.grad_accum,
             "estimate_bytes": estimate(agreed)["need"], "probe_peak_bytes": choice.peak,
             "limit_bytes": limit, "budget_bytes": budget, "tried": choice.tried, "message": message}
