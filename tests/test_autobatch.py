@@ -223,3 +223,49 @@ def test_ranks_agree_on_the_smallest_choice(values, agreed):
     mp.spawn(_agree_worker, args=(port, values, out), nprocs=len(values))
     assert dict(out) == {r: agreed for r in range(len(values))}
     assert agree_across_ranks(3, CPU) == 3      # no process group: this process's own choice
+
+
+# ------------------------------------------------------------------ Stable Diffusion
+
+def test_sd15_configs_ask_for_auto():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for name in ("sd15_jolie.json", "sd15_pitt.json"):
+        cfg = load_config(root / "configs" / name)
+        assert cfg.train.micro_batch == "auto" and cfg.train.grad_accum == 1 and cfg.train.batch_size == 8, name
+
+
+def test_tiny_sd_auto_with_fake_oom_equals_the_explicit_run(tmp_path, monkeypatch):
+    """The text task (prompt stream, CLIP cache) and the UNets: the probe at 2 rows runs out of
+    memory mid-way (fake), the choice is 1, and two steps equal a micro_batch=1 trainer's exactly."""
+    from sfd_fast.sd.build import build_parts as build_sd_parts
+    from sfd_fast.sd.tiny import build_tiny_sd
+    from .test_sd_run import sd_config
+    pretrained = build_tiny_sd(tmp_path / "tiny_sd", sample_size=8)
+    path = sd_config(tmp_path, pretrained, train={"batch_size": 2})
+    real_draw = autobatch.draw_phase
+
+    def draw(task, rng, n_remain, *a):
+        d = real_draw(task, rng, n_remain, *a)
+        if a[-1] == "generator" and n_remain > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return d
+    monkeypatch.setattr(autobatch, "draw_phase", draw)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def trainer(micro):
+            cfg = load_config(path, [f"train.micro_batch={micro}"])
+            torch.manual_seed(cfg.run.seed)
+            return SFDTrainer(cfg, build_sd_parts(cfg), None, CPU)
+        auto, ref = trainer("auto"), trainer(1)
+        assert auto.micro_batch_choice["tried"] == [(2, "probe ran out of memory"), (1, "fits")]
+        assert auto.cfg.train.grad_accum == ref.cfg.train.grad_accum == 2
+        assert torch.equal(auto.parts.task.rng_state(), ref.parts.task.rng_state())
+        for _ in range(2):
+            auto.train_step(), ref.train_step()
+    finally:
+        torch.set_num_threads(n)
+    for a, b in ((auto.generator, ref.generator), (auto.fake_score, ref.fake_score)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(auto.stats, ref.stats)
