@@ -187,8 +187,10 @@ def test_fake_oom_in_the_probe_backs_off_and_leaves_no_trace(tmp_path, monkeypat
     def trainer(micro):
         cfg = load_config(path, [f"train.micro_batch={micro}", "engine.memory_limit_gib=64"])
         torch.manual_seed(cfg.run.seed)
-        return SFDTrainer(cfg, build_digits_parts(cfg), None, CPU)
-    auto, ref = trainer("auto"), trainer(2)
+        tr = SFDTrainer(cfg, build_digits_parts(cfg), None, CPU)
+        return tr, torch.get_rng_state()
+    (auto, auto_global), (ref, ref_global) = trainer("auto"), trainer(2)
+    assert torch.equal(auto_global, ref_global)          # the global torch RNG as without a probe
     choice = auto.micro_batch_choice
     assert choice["per_rank"] == 2 and auto.cfg.train.grad_accum == 4
     assert [(m, v) for m, v in choice["tried"]] == [(8, "probe ran out of memory"), (4, "probe ran out of memory"),
