@@ -18,11 +18,10 @@ from sfd_fast.config import ConfigError, load_config
 from sfd_fast.digits.build import build_parts as build_digits_parts
 from sfd_fast.engine import autobatch
 from sfd_fast.engine.autobatch import HEADROOM, agree_across_ranks, pick_micro_batch
-from sfd_fast.engine.memory import micro_batch_estimator
 from sfd_fast.trainer import SFDTrainer
 
 from .fault_tools import run_main
-from .helpers import tiny_digits_config
+from .helpers import auto_cap_between, tiny_digits_config
 
 CPU = torch.device("cpu")
 GIB = 2 ** 30
@@ -34,13 +33,7 @@ def _cfg(tmp_path, **train_keys):
 
 
 def _cap_between(cfg_path, small: int, large: int) -> float:
-    """A memory_limit_gib whose budget fits micro-batch `small` but not `large` (same estimator as the run)."""
-    cfg = load_config(cfg_path)
-    torch.manual_seed(cfg.run.seed)
-    need = micro_batch_estimator(cfg, build_digits_parts(cfg), CPU)
-    lo, hi = need(small)["need"], need(large)["need"]
-    assert lo < hi
-    return (lo + hi) / 2 / HEADROOM / GIB
+    return auto_cap_between(cfg_path, small, large)
 
 
 def _run_record(run_dir):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from sfd_fast import train
 from sfd_fast.config import ConfigError, load_config
 
-from .helpers import tiny_digits_config
+from .helpers import auto_cap_between, tiny_digits_config
 
 ROOT = Path(__file__).resolve().parents[1]
 def _installed(name):
@@ -142,11 +142,11 @@ def runs(tmp_path_factory):
                                                    "train.total_steps=2", "train.checkpoint_every=2")]})
     jobs.append({"kind": "train", "argv": ["--config", cfg, "--run-dir", str(tmp / "z2_bf16"),
                                            *ds("engine.zero_stage=2", "engine.precision=bf16")]})
-    # train.micro_batch "auto" under ZeRO-2 with a cap that fits 2 rows per rank but not 4: the
-    # micro-batch of the z2 job (8 = 2 rows x grad_accum 2 x world 2), chosen and agreed on both ranks
+    # micro_batch "auto", ZeRO-2, a cap fitting 2 rows per rank (not 4): the z2 job's 2 x accum 2 x world 2
+    ds_cap = auto_cap_between(cfg, 2, 4, ["engine.backend=deepspeed", "engine.zero_stage=2"], world=2)
     jobs.append({"kind": "train", "argv": ["--config", cfg, "--run-dir", str(tmp / "z2_auto"),
                                            *ds("engine.zero_stage=2", "train.grad_accum=1", "train.micro_batch=auto",
-                                               f"engine.memory_limit_gib={_auto_cap(cfg)!r}")]})
+                                               f"engine.memory_limit_gib={ds_cap!r}")]})
     for s in (0, 2, 3):   # ZeRO-0: the optimizer's own guard; ZeRO 1-3: DeepSpeed's overflow check
         jobs.append({"kind": "nan", "config": cfg, "run_dir": str(tmp / f"z{s}_nan"), "out": str(tmp / f"nan{s}.json"),
                      "set": ["engine.backend=deepspeed", f"engine.zero_stage={s}"]})
@@ -164,17 +164,6 @@ def runs(tmp_path_factory):
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return out
-
-
-def _auto_cap(cfg_path) -> float:
-    """engine.memory_limit_gib whose auto budget fits 2 rows per rank under ZeRO-2 in a world of 2, not 4."""
-    from sfd_fast.digits.build import build_parts
-    from sfd_fast.engine.autobatch import HEADROOM
-    from sfd_fast.engine.memory import micro_batch_estimator
-    cfg = load_config(cfg_path, ["engine.backend=deepspeed", "engine.zero_stage=2"])
-    torch.manual_seed(cfg.run.seed)
-    need = micro_batch_estimator(cfg, build_parts(cfg), torch.device("cpu"), world=2)
-    return (need(2)["need"] + need(4)["need"]) / 2 / HEADROOM / 2 ** 30
 
 
 def _assert_close_losses(a, b, rtol, atol):
@@ -277,11 +266,9 @@ def test_auto_micro_batch_under_zero2_is_agreed_recorded_and_equals_the_explicit
     auto, explicit = runs["tmp"] / "z2_auto", runs["tmp"] / "z2"
     saved = json.loads((auto / "config.json").read_text())["train"]
     assert saved["micro_batch"] == 4 and saved["grad_accum"] == 2          # global: 2 rows x world 2
-    for role in ("generator", "fake_score"):
-        ds = json.loads((auto / f"deepspeed_{role}.json").read_text())
-        assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
-    line = [l for l in (auto / "log.txt").read_text().splitlines() if "train.micro_batch=auto" in l]
-    assert len(line) == 1 and "-> 2 remain + 2 forget rows per micro-batch on each of 2 rank(s)" in line[0]
+    ds = [json.loads((auto / f"deepspeed_{r}.json").read_text()) for r in ("generator", "fake_score")]
+    assert all(d["train_micro_batch_size_per_gpu"] == 2 and d["gradient_accumulation_steps"] == 2 for d in ds)
+    assert "auto -> 2 remain + 2 forget rows per micro-batch on each of 2 rank(s)" in (auto / "log.txt").read_text()
     assert _losses(auto) == _losses(explicit)
     a, b = _final(auto), _final(explicit)
     assert all(torch.equal(a[r][k], b[r][k]) for r in a for k in a[r])
