@@ -36,7 +36,7 @@ for p in (str(ROOT), str(BENCH_DIR)):
 CONFIG = ROOT / "configs" / "sd15_pitt.json"
 OVERRIDES = ["engine.backend=deepspeed", "engine.zero_stage=2", "engine.optimizer=adam8bit",
              "engine.activation_checkpointing=true", "engine.precision=bf16", "train.batch_size=2",
-             "train.grad_accum=2", "train.progress=false", "eval.enabled=false"]
+             "train.micro_batch=1", "train.progress=false", "eval.enabled=false"]
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
               layers_per_block=2, sample_size=512, scaling_factor=0.18215)

@@ -95,7 +95,8 @@ class EMAConfig:
 class TrainConfig:
     batch_size: int = 64              # remain samples per step (as many forget samples ride along)
     grad_accum: int = 1
-    micro_batch: object = None        # None: batch_size / grad_accum; an int (sets grad_accum); "auto": not yet
+    micro_batch: object = None        # None: batch_size / grad_accum; an int (sets grad_accum); "auto": the
+                                      # largest that fits (engine/autobatch.py), resolved to an int on start
     total_steps: int = 1000
     log_every: int = 100              # a tick: status line + stats.jsonl (the only host syncs)
     checkpoint_every: int = 500
@@ -121,6 +122,7 @@ class EngineConfig:
     zero_stage: int = 0               # deepspeed only: 0-3
     deepspeed_config: str = ""        # optional JSON file merged over the generated DeepSpeed dict
     rng_mode: str = "global_slice"    # deepspeed only: global_slice (= one process) | per_rank
+    memory_limit_gib: Optional[float] = None   # cap on the memory the preflight / auto micro-batch plan for
 
 
 @dataclass

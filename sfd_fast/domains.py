@@ -87,15 +87,21 @@ def validate_engine(cfg, bad) -> None:
             f"'reduce-overhead', got {e.compile_mode!r}")
     if e.compile and e.compile_phase:
         bad("engine.compile_phase", "compiles the networks inside each phase already; set engine.compile=false")
+    if e.memory_limit_gib is not None and not (isinstance(e.memory_limit_gib, (int, float))
+                                               and not isinstance(e.memory_limit_gib, bool) and e.memory_limit_gib > 0):
+        bad("engine.memory_limit_gib", f"must be null (the device's free memory) or a positive number of GiB, "
+            f"got {e.memory_limit_gib!r}")
 
 
 def validate_micro_batch(t, bad) -> None:
-    """train.micro_batch: null (batch_size / grad_accum) or an int dividing batch_size, which then
-    sets train.grad_accum."""
+    """train.micro_batch: null (batch_size / grad_accum), an int dividing batch_size, which then
+    sets train.grad_accum, or "auto" (engine/autobatch.py resolves it to an int when the trainer is
+    built; train.grad_accum then follows from the choice)."""
     m = t.micro_batch
-    if m == "auto":   # the memory-model + probe-step choice is not built yet (issue #10 item 4)
-        bad("train.micro_batch", "'auto' is not implemented yet; give an integer dividing train.batch_size "
-            "(rows per branch per micro-batch) or leave it null (batch_size / grad_accum)")
+    if m == "auto":
+        if t.grad_accum != 1:
+            bad("train.micro_batch", f"'auto' chooses train.grad_accum itself; remove train.grad_accum "
+                f"({t.grad_accum}) or give train.micro_batch as an integer")
     elif m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m > 0 and t.batch_size % m == 0):
         bad("train.micro_batch", f"must be null or a positive integer dividing train.batch_size "
             f"({t.batch_size}), got {m!r}")

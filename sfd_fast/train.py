@@ -148,15 +148,26 @@ def _main(argv=None) -> dict:
     if fam.evaluate_during and cfg.eval.enabled and cfg.eval.every > 0 and not args.dry_run:
         # every rank takes part in the collective sampling_generator(); only rank 0 evaluates
         parts.evaluate_during = resolve(fam.evaluate_during)(cfg, parts, device) if rank0 else (lambda gen: {})
-    if args.dry_run:
-        return dry_run(cfg, parts, device)
     world = torch.distributed.get_world_size() if distributed else 1
-    check_memory(cfg, parts, device, world)   # a micro-batch that cannot fit: refused with the estimate
-    # 3. the run directory, locked for the run's life (rank 0 writes)
-    from sfd_fast.rundir import RunLock
-    lock = open_run_dir(run_dir) if rank0 else None
+    if cfg.train.micro_batch != "auto" and not args.dry_run:
+        check_memory(cfg, parts, device, world)   # a micro-batch that cannot fit: refused with the estimate
+    # 3. the trainer, before anything is written: train.micro_batch "auto" estimates and probes here
+    #    (engine/autobatch.py) and refuses, with what to do, when not even a micro-batch of 1 fits
+    from sfd_fast.trainer import SFDTrainer
+    held = HeldRecords()     # what the trainer logs now (auto choice, acceleration) goes to log.txt too
+    log.addHandler(held)
     try:
-        return train_run(args, cfg, parts, run_dir, device, rank0, changes)
+        trainer = SFDTrainer(cfg, parts, None, device)
+    finally:
+        log.removeHandler(held)
+    if args.dry_run:
+        return dry_run(cfg, trainer, device)
+    # 4. the run directory, locked for the run's life (rank 0 writes)
+    from sfd_fast.rundir import RunLock
+    lock = open_run_dir(run_dir, held.records) if rank0 else None
+    try:
+        trainer.attach_run_dir(run_dir)
+        return train_run(args, cfg, trainer, run_dir, device, rank0, changes)
     finally:
         if isinstance(lock, RunLock):
             lock.release()
@@ -167,8 +178,20 @@ def _main(argv=None) -> dict:
                 h.close()
 
 
-def open_run_dir(run_dir: Path):
-    """Create and lock the run directory, remove leftovers of interrupted writes, log into it."""
+class HeldRecords(logging.Handler):
+    """Keeps log records emitted before the run directory exists, for its log.txt."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def open_run_dir(run_dir: Path, held: list = ()):
+    """Create and lock the run directory, remove leftovers of interrupted writes, log into it
+    (first the `held` records, logged while the trainer was built)."""
     from sfd_fast.checkpoint import remove_stale_temporaries
     from sfd_fast.errors import UserError
     from sfd_fast.rundir import RunLock
@@ -178,26 +201,28 @@ def open_run_dir(run_dir: Path):
     except OSError as e:
         raise UserError(f"run directory {run_dir} cannot be created or locked ({e.strerror or e}); choose "
                         "another --run-dir (or run.root)") from None
+    fh = setup_logging(run_dir)
+    for record in held:
+        fh.handle(record)
     for path in remove_stale_temporaries(run_dir):
         log.info("removed %s (left by an interrupted write)", path)
-    setup_logging(run_dir)
     return lock
 
 
-def train_run(args, cfg, parts, run_dir: Path, device, rank0: bool, changes) -> dict:
-    """Train under the lock: a new run writes config.json; a resume loads the newest usable checkpoint,
-    drops stats past it and records its config changes. Then the family's evaluation (rank 0)."""
+def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -> dict:
+    """Train under the lock: a new run writes config.json (train.micro_batch "auto" resolved to the
+    chosen int, so a resume reuses it); a resume loads the newest usable checkpoint, drops stats
+    past it and records its config changes. Then the family's evaluation (rank 0)."""
     import torch
 
     from sfd_fast.checkpoint import atomic_write_text
     from sfd_fast.errors import UserError
     from sfd_fast.families import family, resolve
     from sfd_fast.rundir import record_resume, trim_stats
-    from sfd_fast.trainer import SFDTrainer
+    parts = trainer.parts
     if not args.resume and rank0:
         trim_stats(run_dir, 0)   # a run that died before its first checkpoint left stats behind
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    trainer = SFDTrainer(cfg, parts, run_dir, device)
     if args.resume:
         trainer.resume(run_dir)
         if trainer.step >= cfg.train.total_steps:
@@ -228,21 +253,24 @@ def train_run(args, cfg, parts, run_dir: Path, device, rank0: bool, changes) -> 
     return result
 
 
-def dry_run(cfg, parts, device) -> dict:
-    """One step of a trainer that writes nothing; prints parameter counts, memory and the config."""
+def dry_run(cfg, trainer, device) -> dict:
+    """One step of a trainer that writes nothing; prints parameter counts, the micro-batch (with
+    the auto choice's record), memory and the config."""
     import time
 
-    from sfd_fast.trainer import SFDTrainer, peak_memory, reset_peak_memory
-    trainer = SFDTrainer(cfg, parts, None, device)
+    from sfd_fast.trainer import peak_memory, reset_peak_memory
     counts = {role: sum(p.numel() for p in net.parameters())
               for role, net in (("teacher", trainer.teacher), ("fake_score", trainer.fake_score),
                                 ("generator", trainer.generator))}
+    choice = trainer.micro_batch_choice
+    micro = {"micro_batch": cfg.train.batch_size // cfg.train.grad_accum, "grad_accum": cfg.train.grad_accum,
+             "auto": None if choice is None else {k: v for k, v in choice.items() if k != "tried"}}
     reset_peak_memory(device)
     t0 = time.time()
     trainer.train_step()
     seconds = time.time() - t0
-    report = {"dry_run": True, "device": str(device), "parameters": counts, "step_seconds": seconds,
-              **peak_memory(device), "config": cfg.to_dict()}
+    report = {"dry_run": True, "device": str(device), "parameters": counts, "micro_batch": micro,
+              "step_seconds": seconds, **peak_memory(device), "config": cfg.to_dict()}
     if trainer.backend.is_rank0:
         print(json.dumps(report, indent=1))
     return report

@@ -84,10 +84,25 @@ class SFDTrainer:
         #    implementation (reference torch or the fused kernel): engine/accelerate.py decides
         accelerate(self)
         self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
+        # 4b. train.micro_batch "auto": estimate, one probe step on these networks, then the choice is
+        #     written into cfg.train (before the backend: DeepSpeed's config takes the micro-batch)
+        self.micro_batch_choice = None
+        if t.micro_batch == "auto":
+            from .engine.autobatch import resolve_auto_micro_batch
+            world = torch.distributed.get_world_size() if cfg.engine.backend == "deepspeed" else 1
+            self.micro_batch_choice = resolve_auto_micro_batch(self, world)
         # 5. the backend: optimizers (plain) or two ZeRO engines (deepspeed)
         self.backend = make_backend(self)
         # 6. stop cleanly on SIGTERM/SIGINT and when every update is skipped (guard.py)
         self.guard = RunGuard(self)
+
+    def attach_run_dir(self, run_dir: Path) -> None:
+        """Where this trainer writes, set once the run directory is open and locked: train.py builds
+        the trainer first, so that the auto micro-batch probe runs before anything is written."""
+        self.run_dir = Path(run_dir)
+        write_configs = getattr(self.backend, "write_configs", None)   # DeepSpeed: its engine configs
+        if write_configs is not None:
+            write_configs()
 
     # ------------------------------------------------------------------ one step
     def fake_score_update(self):

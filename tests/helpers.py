@@ -33,3 +33,24 @@ def tiny_digits_config(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg))
     return path
+
+
+def auto_cap_between(cfg_path, small: int, large: int, overrides=(), world: int = 1) -> float:
+    """An engine.memory_limit_gib whose train.micro_batch="auto" budget fits `small` rows per rank but
+    not `large`, from the same estimator the run uses (engine/memory_model.py) on the same seeded parts."""
+    from sfd_fast.config import load_config
+    from sfd_fast.engine.autobatch import HEADROOM
+    from sfd_fast.engine.memory_model import micro_batch_estimator
+    from sfd_fast.families import family, resolve
+    cfg = load_config(cfg_path, list(overrides))
+    torch.manual_seed(cfg.run.seed)
+    parts = resolve(family(cfg.model.kind).build)(cfg)
+    # as SFDTrainer holds the networks when it asks (its step 1): all in eval mode, the teacher frozen
+    # (a frozen teacher saves no inputs for weight gradients: fewer activation bytes per row)
+    parts.teacher.eval().requires_grad_(False)
+    parts.fake_score.eval()
+    parts.generator.eval()
+    need = micro_batch_estimator(cfg, parts, torch.device("cpu"), world)
+    lo, hi = need(small)["need"], need(large)["need"]
+    assert lo < hi
+    return (lo + hi) / 2 / HEADROOM / 2 ** 30

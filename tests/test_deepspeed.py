@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from sfd_fast import train
 from sfd_fast.config import ConfigError, load_config
 
-from .helpers import tiny_digits_config
+from .helpers import auto_cap_between, tiny_digits_config
 
 ROOT = Path(__file__).resolve().parents[1]
 def _installed(name):
@@ -172,6 +172,11 @@ def runs(tmp_path_factory):
                                                    "train.total_steps=2", "train.checkpoint_every=2")]})
     jobs.append({"kind": "train", "argv": ["--config", cfg, "--run-dir", str(tmp / "z2_bf16"),
                                            *ds("engine.zero_stage=2", "engine.precision=bf16")]})
+    # micro_batch "auto", ZeRO-2, a cap fitting 2 rows per rank (not 4): the z2 job's 2 x accum 2 x world 2
+    ds_cap = auto_cap_between(cfg, 2, 4, ["engine.backend=deepspeed", "engine.zero_stage=2"], world=2)
+    jobs.append({"kind": "train", "argv": ["--config", cfg, "--run-dir", str(tmp / "z2_auto"),
+                                           *ds("engine.zero_stage=2", "train.grad_accum=1", "train.micro_batch=auto",
+                                               f"engine.memory_limit_gib={ds_cap!r}")]})
     for s in (0, 2, 3):   # ZeRO-0: the optimizer's own guard; ZeRO 1-3: DeepSpeed's overflow check
         jobs.append({"kind": "nan", "config": cfg, "run_dir": str(tmp / f"z{s}_nan"), "out": str(tmp / f"nan{s}.json"),
                      "set": ["engine.backend=deepspeed", f"engine.zero_stage={s}"]})
@@ -303,6 +308,19 @@ def test_no_persistent_fp32_generator_copy_without_ema(runs):
     assert grids == ["step-00000003.png", "step-00000004.png"]
 
 # ------------------------------------------------------------------------------- bad input (no launch)
+
+@needs_ds
+def test_auto_micro_batch_under_zero2_is_agreed_recorded_and_equals_the_explicit_run(runs):
+    auto, explicit = runs["tmp"] / "z2_auto", runs["tmp"] / "z2"
+    saved = json.loads((auto / "config.json").read_text())["train"]
+    assert saved["micro_batch"] == 4 and saved["grad_accum"] == 2          # global: 2 rows x world 2
+    ds = [json.loads((auto / f"deepspeed_{r}.json").read_text()) for r in ("generator", "fake_score")]
+    assert all(d["train_micro_batch_size_per_gpu"] == 2 and d["gradient_accumulation_steps"] == 2 for d in ds)
+    assert "auto -> 2 remain + 2 forget rows per micro-batch on each of 2 rank(s)" in (auto / "log.txt").read_text()
+    assert _losses(auto) == _losses(explicit)
+    a, b = _final(auto), _final(explicit)
+    assert all(torch.equal(a[r][k], b[r][k]) for r in a for k in a[r])
+
 
 def test_zero_stage_out_of_range(tmp_path):
     with pytest.raises(ConfigError, match="engine.zero_stage"):

@@ -139,10 +139,7 @@ class DeepSpeedBackend:
                 t.parts.task.host_rng.manual_seed(cfg.run.seed + 7919 + self.rank)
         self.zero_stage = cfg.engine.zero_stage
         self.ds_configs = {r: build_deepspeed_config(cfg, r, self.world) for r in ROLES}
-        if self.is_rank0 and t.run_dir is not None:
-            for r, d in self.ds_configs.items():
-                atomic_write_text(t.run_dir / f"deepspeed_{r}.json", json.dumps(d, indent=1))
-                log.info("deepspeed %s config: %s", r, json.dumps(d))
+        self.write_configs()
         if not t.ema_enabled:
             # Sampling/eval on rank 0 needs a plain fp32 module (it never enters a collective). Without
             # EMA that is a copy of the fp32 master weights, but a PERSISTENT one would cost 4 B per
@@ -178,6 +175,14 @@ class DeepSpeedBackend:
                      cfg.train.batch_size, self.rng_mode)
 
     # ---------------------------------------------------------------- one step
+    def write_configs(self) -> None:
+        """deepspeed_<role>.json in the run directory (rank 0; nothing while the trainer has none)."""
+        t = self.trainer
+        if self.is_rank0 and t.run_dir is not None:
+            for r, d in self.ds_configs.items():
+                atomic_write_text(t.run_dir / f"deepspeed_{r}.json", json.dumps(d, indent=1))
+                log.info("deepspeed %s config: %s", r, json.dumps(d))
+
     def draw(self, phase: str, remain_coef: float, forget_coef: float) -> PhaseDraws:
         t, s = self.trainer, self.trainer.cfg.sfd
         n = self.micro if self.rng_mode == "per_rank" else self.global_micro

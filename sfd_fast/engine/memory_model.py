@@ -319,6 +319,25 @@ def estimate(cfg, parts, device, world: int = 1, rows_per_branch: int | None = N
     return {**combine(static, phases, acts), "rows_per_branch": n}
 
 
+def micro_batch_estimator(cfg, parts, device, world: int = 1):
+    """For train.micro_batch "auto" (engine/autobatch.py): a function micro -> the estimate at
+    `micro` rows per branch on this rank, with the keys the chooser reads ("need" = the modelled
+    peak; "weights" = what is resident before any step; "adam"; "gradients_and_adam"; "activations").
+    The phases are traced once, here; each call after that is arithmetic."""
+    static = static_terms(cfg, parts, world)
+    phases = {r: phase_terms(cfg, parts, world, r) for r in ROLES}
+    traced = measure_activations(cfg, parts, device)
+
+    def estimate_at(micro: int) -> dict:
+        n = max(1, micro)
+        acts = {r: activation_bytes(traced[r], n, cfg.engine.activation_checkpointing) for r in ROLES}
+        est = combine(static, phases, acts)
+        return {**est, "rows_per_branch": n, "need": est["total"], "weights": static["weights"] + static["ema"],
+                "adam": static["optimizer"],
+                "gradients_and_adam": static["optimizer"] + static["masters"] + est["gradients"]}
+    return estimate_at
+
+
 def describe(est: dict) -> str:
     """One line per term in GiB, for logs and reports."""
     keys = ("weights", "ema", "optimizer", "masters", "gradients", "activations", "total")
