@@ -59,8 +59,16 @@ def _live_storages() -> dict[int, int]:
         warnings.simplefilter("ignore")
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for t in tensors:
-        if t.device.type == "cpu" and t.untyped_storage().data_ptr():
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        # Only real dense CPU tensors own memory here: FakeTensors and functional wrappers that
+        # earlier compile tests left in gc have no data pointer (accessing it raises) and no bytes.
+        if t.device.type != "cpu" or t.is_meta or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            continue
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except RuntimeError:
+            continue
+        if ptr:
+            storages[ptr] = t.untyped_storage().nbytes()
     return storages
 
 
