@@ -100,6 +100,8 @@ def test_cli_bad_fid_inputs_write_nothing(tmp_path, weights, monkeypatch):
     ok = ("--fid-real", str(real), "--inception-weights", str(weights))
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         run()
+    with pytest.raises(SystemExit, match="--is-splits must be >= 2"):
+        run(*ok, "--is-splits", "1")
     with pytest.raises(SystemExit, match="need both --fid-real DIR and --inception-weights"):
         run("--fid-real", str(real))
     with pytest.raises(SystemExit, match="--inception-weights: .*nope.pth does not exist; give torch-fidelity's"):
@@ -159,8 +161,9 @@ def test_run_end_eval_writes_fid_and_is(tmp_path, weights):
     train_main(["--config", str(_tiny_config(tmp_path, fid_real_dir=str(real), inception_weights=str(weights))),
                 "--run-dir", str(run), "--set", "run.device=cpu", "train.progress=false", "train.total_steps=2"])
     ev = json.loads((run / "eval.json").read_text())
-    # no classifier: UA skipped; FID / IS on 2 samples of each of the 9 remaining classes
+    # no classifier: UA skipped; FID / IS on 2 samples of each of the 9 remaining classes; torchmetrics
+    # splits 18 rows with torch.chunk(10): 9 parts of 2, and eval.json reports the 9 used
     assert ev["skipped"] == ["UA: no ddpm.classifier (the reference's train_classifier.py ResNet-34 state dict)"]
-    assert (ev["fid_n_samples"], ev["fid_n_real"], ev["fid_classes"], ev["is_splits"]) == (18, 3, list(range(1, 10)), 10)
+    assert (ev["fid_n_samples"], ev["fid_n_real"], ev["fid_classes"], ev["is_splits"]) == (18, 3, list(range(1, 10)), 9)
     assert ev["fid"] > 0 and ev["inception_score_mean"] >= 1.0
     assert not any(p.name.startswith("000_") for p in (run / "eval_samples").iterdir())  # class 0 not sampled

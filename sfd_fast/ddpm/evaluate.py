@@ -145,7 +145,7 @@ def fid_inception_score(images_dir, real_dir, weights, classes=None, exclude=(),
     net = load_inception(weights, keys[1])
     r = compute(files, real, net, device, batch_size, splits, progress=progress)
     return {"fid": r["fid"], "inception_score_mean": r["inception_score_mean"],
-            "inception_score_std": r["inception_score_std"], "is_splits": splits, "fid_n_samples": r["n_samples"],
+            "inception_score_std": r["inception_score_std"], "is_splits": r["is_splits"], "fid_n_samples": r["n_samples"],
             "fid_n_real": r["n_real"], "fid_classes": chosen, "fid_real_dir": str(real_dir),
             "fid_network": "FID Inception-v3 (TF 2015-12-05 graph; sfd_fast port of torch-fidelity's), torchmetrics"}
 
@@ -191,7 +191,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
                                           trainer.device))
     if fid:
         result.update(fid_inception_score(folder, d.fid_real_dir, d.inception_weights, fid_classes,
-                                          device=trainer.device, progress=sys.stderr.isatty(),
+                                          device=trainer.device, progress=cfg.train.progress and sys.stderr.isatty(),
                                           keys=("ddpm.fid_real_dir", "ddpm.inception_weights")))
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
     for line in result["skipped"]:
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
     if bool(a.fid_real) != bool(a.inception_weights):
         raise SystemExit("error: FID / Inception Score need both --fid-real DIR and --inception-weights PATH "
                          "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
-    if a.is_splits < 1:
-        raise SystemExit(f"error: --is-splits must be >= 1, got {a.is_splits}")
+    if a.is_splits < 2:
+        raise SystemExit(f"error: --is-splits must be >= 2 (the std is over splits), got {a.is_splits}")
     result: dict = {}
     try:  # every input is checked before the long work; nothing is written on an error
         clf = load_classifier(a.classifier, a.num_classes) if a.classifier else None

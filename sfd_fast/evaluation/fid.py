@@ -11,7 +11,8 @@ Conventions, as torch-fidelity's `fid` / `isc` (the usual FID-50k / IS numbers):
 - FID on the 2048-d pool features; IS on the bias-free 1008-way logits, 10 splits;
 - images are read as 8-bit RGB (grey images are repeated to 3 channels) and resized to 299 inside
   the network with TF1's bilinear resize;
-- IS shuffles the samples before splitting; here that shuffle is seeded (`seed`), so the same
+- IS shuffles the samples before splitting (torch.chunk: for fewer than splits^2 images there may be
+  fewer parts than `splits`; eval.json's is_splits is the count used); here that shuffle is seeded (`seed`), so the same
   images give the same score. The std over splits is torchmetrics' (unbiased, N-1);
   torch-fidelity reports the population std (N), about 5% smaller for 10 splits.
 """
@@ -100,7 +101,9 @@ def fid_inception_score(sample_files: list[Path], real_files: list[Path], net, d
                         splits: int = 10, seed: int = 0, progress: bool = True) -> dict:
     """FID(samples, real) and the Inception Score of the samples, with `net` an FIDInceptionV3."""
     fid_metric, is_metric = require_torchmetrics()
-    if len(sample_files) < max(2, splits):
+    if splits < 2:
+        raise ValueError(f"Inception Score: {splits} split(s); the std over splits needs at least 2")
+    if len(sample_files) < splits:
         raise ValueError(f"FID / Inception Score: {len(sample_files)} sample image(s); FID needs at least 2 and "
                          f"the Inception Score over {splits} splits at least {splits}")
     if len(real_files) < 2:
@@ -119,6 +122,9 @@ def fid_inception_score(sample_files: list[Path], real_files: list[Path], net, d
     with torch.random.fork_rng(devices=[]):  # IS shuffles with torch.randperm (CPU generator): seed it
         torch.manual_seed(seed)
         is_mean, is_std = isc.compute()
+    # torchmetrics splits with torch.chunk (ceil(n / splits) rows each): fewer than `splits` parts for
+    # small n (12 images, 10 splits -> 6 parts); the count actually used is reported
+    used = len(torch.arange(len(sample_files)).chunk(splits))
     return {"fid": float(fid.compute()), "inception_score_mean": float(is_mean),
-            "inception_score_std": float(is_std), "is_splits": splits, "n_samples": len(sample_files),
+            "inception_score_std": float(is_std), "is_splits": used, "n_samples": len(sample_files),
             "n_real": len(real_files)}
