@@ -15,7 +15,11 @@ setup(
     extras_require={
         "gpu": ["triton", "xformers", "bitsandbytes", "nvidia-ml-py"],
         "dist": ["deepspeed==0.19.8"],
-        "test": ["pytest", "pytest-benchmark", "triton", "deepspeed==0.19.8", "bitsandbytes==0.50.2"],
+        # FID / Inception Score of ddpm runs (sfd_fast/evaluation/fid.py): torchmetrics' metrics on our own
+        # Inception port, so neither torch-fidelity nor torchvision (whose wheels pin a CUDA torch) is needed
+        "eval": ["torchmetrics==1.9.0"],
+        "test": ["pytest", "pytest-benchmark", "triton", "deepspeed==0.19.8", "bitsandbytes==0.50.2",
+                 "torchmetrics==1.9.0"],
     },
     entry_points={"console_scripts": ["sfd-fast=sfd_fast.cli:main"]},
 )

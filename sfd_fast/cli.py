@@ -22,7 +22,7 @@ COMMANDS = {
     "sample": ("sfd_fast.families:sample_main", "samples of a run: SD prompt grids, ddpm class folders"),
     "export": ("sfd_fast.families:export_main", "export a run: SD diffusers folder, ddpm reference checkpoint"),
     "import-config": ("sfd_fast.ddpm.import_config:main", "a reference SFD config (DDPM YAML / SD flags) -> JSON"),
-    "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA of a ddpm run with the reference's classifier"),
+    "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA (reference classifier), FID / IS of ddpm samples"),
     "report": ("sfd_fast.evaluation.report:main", "write a self-contained HTML report of a run (plots, grids, eval)"),
 }
 

@@ -199,6 +199,8 @@ class DDPMConfig(DDPMNetConfig):
     train_mode_dropout: bool = True
     grid_per_class: int = 8           # snapshot grid: images per class row
     classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
+    fid_real_dir: str = ""            # end-of-run FID / IS: folder of real images ("" = skip; needs the eval extra)
+    inception_weights: str = ""       # ... and torch-fidelity's weights-inception-2015-12-05-6726825d.pth
 
 
 @dataclass

@@ -149,7 +149,7 @@ def resolve_paths(cfg: Config) -> None:
         d.checkpoint = "random:" + str(Path(d.checkpoint[len("random:"):]).resolve())
     else:
         d.checkpoint = fix(d.checkpoint)
-    d.classifier = fix(d.classifier)
+    d.classifier, d.fid_real_dir, d.inception_weights = fix(d.classifier), fix(d.fid_real_dir), fix(d.inception_weights)
     for k in ("remain_file", "forget_file", "val_file", "override_file", "pos_file", "neg_file"):
         setattr(p, k, fix(getattr(p, k)))
 

@@ -196,7 +196,8 @@ def ddpm_yaml_to_config(yaml_path: str | Path, flag_tokens: list[str]) -> dict:
                  "num_res_blocks": int(m["num_res_blocks"]),
                  "attn_resolutions": [int(r) for r in m["attn_resolutions"]], "dropout": float(m["dropout"]),
                  "resamp_with_conv": bool(m.get("resamp_with_conv", True)), "train_mode_dropout": True,
-                 "grid_per_class": max(vis // n_classes, 1), "classifier": ""},
+                 "grid_per_class": max(vis // n_classes, 1), "classifier": "",
+                 "fid_real_dir": "", "inception_weights": ""},
     }
 
 
