@@ -12,6 +12,22 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (OMP_NUM_THREADS is read once, at torch's import, and a
+    test may run after one that raised it): on a shared 2-core machine two threads per process
+    oversubscribe the cores and make tiny ops ~50x slower, and a single thread keeps the reduction
+    order of the memory and sync probes the same on every run."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (run by bench/gpu_check.sh)")
     config.addinivalue_line("markers", "slow: end-to-end runs that take tens of seconds")

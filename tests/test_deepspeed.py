@@ -60,20 +60,24 @@ WORKER = textwrap.dedent('''
     from pathlib import Path
     from sfd_fast import train
     jobs = json.loads(Path(sys.argv[1]).read_text())
+
+    def digits_trainer(job):
+        """A DeepSpeed SFDTrainer on the digits parts of job["config"] + job["set"], in job["run_dir"]."""
+        from sfd_fast.config import load_config
+        from sfd_fast.digits.build import build_parts
+        from sfd_fast.engine.distributed import init_distributed
+        from sfd_fast.trainer import SFDTrainer
+        cfg = load_config(job["config"], job["set"])
+        device = init_distributed(cfg)
+        run_dir = Path(job["run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.run.seed)
+        return SFDTrainer(cfg, build_parts(cfg), run_dir, device), torch.distributed.get_rank(), run_dir
+
     for job in jobs:
         if job["kind"] == "train":
             train.main(job["argv"])
         elif job["kind"] == "nan":  # a NaN in one row on rank 1 only: every rank must skip the update
-            from sfd_fast.config import load_config
-            from sfd_fast.digits.build import build_parts as build_digits_parts
-            from sfd_fast.engine.distributed import init_distributed
-            from sfd_fast.trainer import SFDTrainer
-            cfg = load_config(job["config"], job["set"])
-            device = init_distributed(cfg)
-            rank = torch.distributed.get_rank()
-            run_dir = Path(job["run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(cfg.run.seed)
-            tr = SFDTrainer(cfg, build_digits_parts(cfg), run_dir, device)
+            tr, rank, run_dir = digits_trainer(job)
             tr.train_step()
             b = tr.backend
             full = lambda: {**{"G." + k: v for k, v in b._full_fp32(tr.generator.net).items()},
@@ -98,16 +102,7 @@ WORKER = textwrap.dedent('''
                        "moved_after": any(not torch.equal(before[k], after_ok[k]) for k in before)}
                 Path(job["out"]).write_text(json.dumps(out))
         elif job["kind"] == "ema_off":  # no persistent fp32 generator copy without EMA (issue #10)
-            from sfd_fast.config import load_config
-            from sfd_fast.digits.build import build_parts as build_digits_parts
-            from sfd_fast.engine.distributed import init_distributed
-            from sfd_fast.trainer import SFDTrainer
-            cfg = load_config(job["config"], job["set"])
-            device = init_distributed(cfg)
-            rank = torch.distributed.get_rank()
-            run_dir = Path(job["run_dir"]); run_dir.mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(cfg.run.seed)
-            tr = SFDTrainer(cfg, build_digits_parts(cfg), run_dir, device)
+            tr, rank, run_dir = digits_trainer(job)
             b = tr.backend
             meta = lambda: all(p.is_meta for p in tr.generator_ema.net.parameters())
             out = {"meta_at_start": meta()}

@@ -10,13 +10,9 @@ from sfd_fast.step import draw_phase, fake_score_phase, generator_phase
 from sfd_fast.denoisers import FrozenView
 from tests.test_sd_run import sd_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 @pytest.fixture(scope="module")

@@ -34,16 +34,12 @@ from sfd_fast.sd.tiny import build_tiny_sd
 from sfd_fast.trainer import SFDTrainer
 from tests.test_sd_run import sd_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 0.15   # the bound on |model / measured - 1|
 ROWS = 4           # remain (= forget) rows per micro-batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,9 @@ from tests.helpers import tiny_digits_config
 from tests.sync_detector import SyncRecorder
 from tests.test_sd_run import sd_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def _digits_trainer(tmp_path, **train):

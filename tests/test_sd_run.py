@@ -26,19 +26,13 @@ from sfd_fast.conditions import PhaseConditions
 from sfd_fast.sd.text import TextForgetTask
 from sfd_fast.trainer import SFDTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "configs" / "prompts"
 SHAPE = (4, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads per process oversubscribe the
-    cores and make these tiny ops ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
