@@ -163,19 +163,25 @@ def test_resume_of_an_auto_run_reuses_the_recorded_choice(tmp_path, monkeypatch)
     _assert_same_run(tmp_path / "full", tmp_path / "part")
 
 
+def _fake_oom_above(monkeypatch, largest: int) -> None:
+    """The probe runs out of memory (a faked CUDA OOM, raised after its fake-score phase and its
+    generator draw) for every micro-batch above `largest` rows per branch."""
+    real_draw = autobatch.draw_phase
+
+    def draw(task, rng, n_remain, *a):
+        d = real_draw(task, rng, n_remain, *a)
+        if a[-1] == "generator" and n_remain > largest:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return d
+    monkeypatch.setattr(autobatch, "draw_phase", draw)
+
+
 def test_fake_oom_in_the_probe_backs_off_and_leaves_no_trace(tmp_path, monkeypatch):
     """An out-of-memory error in the middle of the probe (after its draws, the fake-score backward
     and the generator forward) for micro-batches above 2: the choice is 2, and the trainer steps
     exactly as one built with micro_batch=2."""
     path = _cfg(tmp_path)
-    real_draw = autobatch.draw_phase
-
-    def draw(task, rng, n_remain, *a):
-        d = real_draw(task, rng, n_remain, *a)
-        if a[-1] == "generator" and n_remain > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
-        return d
-    monkeypatch.setattr(autobatch, "draw_phase", draw)
+    _fake_oom_above(monkeypatch, 2)
 
     def trainer(micro):
         cfg = load_config(path, [f"train.micro_batch={micro}", "engine.memory_limit_gib=64"])
@@ -238,14 +244,7 @@ def test_tiny_sd_auto_with_fake_oom_equals_the_explicit_run(tmp_path, monkeypatc
     from .test_sd_run import sd_config
     pretrained = build_tiny_sd(tmp_path / "tiny_sd", sample_size=8)
     path = sd_config(tmp_path, pretrained, train={"batch_size": 2})
-    real_draw = autobatch.draw_phase
-
-    def draw(task, rng, n_remain, *a):
-        d = real_draw(task, rng, n_remain, *a)
-        if a[-1] == "generator" and n_remain > 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
-        return d
-    monkeypatch.setattr(autobatch, "draw_phase", draw)
+    _fake_oom_above(monkeypatch, 1)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
