@@ -265,3 +265,25 @@ def test_batch_one_and_nan_row(parts):
     keep = torch.tensor([True, False, True])
     assert not torch.isnan(new[keep]).any()
     assert_close(new[keep], ref[keep], "rows without NaN")
+
+
+def test_bench_floor_is_the_same_network_call(parts):
+    """bench/bench_compat.py's "unet-floor" case must time the very UNet call sid_sd_denoise makes
+    (same rows, embeddings, timesteps), or its `ceiling` would bound nothing: its output, CFG-combined,
+    equals the compat raw output (same float32 rounding argument as above)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_compat.py"
+    spec = importlib.util.spec_from_file_location("bench_compat_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    unet, _, sched, te, tok = parts
+    images, noise, _ = _inputs(7, batch=len(bench.PROMPTS))
+    t = torch.tensor([250, 750])
+    out = bench._unet_call_only(unet, images, noise, t, sched, te, tok)()
+    uncond, cond = out.chunk(2)
+    with torch.no_grad():
+        want = compat.sid_sd_denoise(unet, images, noise, bench.PROMPTS, t, sched, te, tok, 128, dtype=torch.float32,
+                                     predict_x0=False, guidance_scale=4.5, contexts_neg=bench.NEGATIVES)
+    assert_close(uncond + 4.5 * (cond - uncond), want, "floor call vs compat call")
