@@ -122,6 +122,8 @@ def test_cli_bad_fid_inputs_write_nothing(tmp_path, weights, monkeypatch):
         main(["--images", str(images), "--out", str(out), *ok])
     with pytest.raises(SystemExit, match="8 sample image"):  # --fid-classes 0-2: the forgotten class too
         main(["--images", str(images), "--out", str(out), *ok, "--fid-classes", "0-2"])
+    with pytest.raises(SystemExit, match="--fid-classes '1-x': expected comma-separated classes"):
+        main(["--images", str(images), "--out", str(out), *ok, "--fid-classes", "1-x"])
     hide_torchmetrics(monkeypatch)
     with pytest.raises(SystemExit, match=r'need torchmetrics.*pip install "sfd-fast\[eval\]"'):
         run(*ok)

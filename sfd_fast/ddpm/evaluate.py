@@ -239,7 +239,7 @@ def main(argv=None) -> int:
             result.update(unlearning_accuracy(a.images, clf, a.forget_class, a.device, a.batch_size))
         if a.fid_real:
             from .sample import parse_classes
-            classes = parse_classes(a.fid_classes, a.num_classes) if a.fid_classes else None
+            classes = parse_classes(a.fid_classes, a.num_classes, "--fid-classes") if a.fid_classes else None
             result.update(fid_inception_score(a.images, a.fid_real, a.inception_weights, classes, (a.forget_class,),
                                               a.device, a.batch_size, a.is_splits, progress=True))
     except (ValueError, ImportError) as e:

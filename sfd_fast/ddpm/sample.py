@@ -109,8 +109,8 @@ def reference_folder_index(folder: Path) -> dict[int, list[Path]]:
     return index
 
 
-def parse_classes(text: str, num_classes: int) -> list[int]:
-    """'0,1,2' or '0-9' -> class list, each in [0, num_classes)."""
+def parse_classes(text: str, num_classes: int, option: str = "--classes") -> list[int]:
+    """'0,1,2' or '0-9' -> class list, each in [0, num_classes); errors name `option`."""
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -120,13 +120,13 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
         try:
             rng = range(int(lo), int(hi) + 1) if hi else [int(lo)]
         except ValueError:
-            raise SystemExit(f"error: --classes {text!r}: expected comma-separated classes or ranges like 0-9")
+            raise SystemExit(f"error: {option} {text!r}: expected comma-separated classes or ranges like 0-9")
         out.extend(rng)
     if "..." in text and len(out) >= 2:  # '0,...,9' as written in the docs: the full range
         out = list(range(out[0], out[-1] + 1))
     bad = [c for c in out if not 0 <= c < num_classes]
     if bad or not out:
-        raise SystemExit(f"error: --classes {text!r}: class {bad[0] if bad else '(none)'} is not one of the "
+        raise SystemExit(f"error: {option} {text!r}: class {bad[0] if bad else '(none)'} is not one of the "
                          f"model's classes 0..{num_classes - 1}")
     return out
 
