@@ -56,12 +56,9 @@ class StubUNet(torch.nn.Module):
 def _unet_call_only(unet, images, noise, timesteps, sched, te, tok):
     """The network call of a guided denoise, everything else prepared once: [uncond; cond] rows of
     x_t, their embeddings and timesteps. Times the UNet as both providers call it (fp32, 2B rows)."""
-    with torch.no_grad():
-        cond = te(tok(PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids)[0]
-        uncond = te(tok(NEGATIVES, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids)[0]
-        x_t = sched.add_noise(images, noise, timesteps)
+    cond = compat.encode_prompt(te, compat.tokenize_captions(tok, PROMPTS))
+    uncond = compat.encode_prompt(te, compat.tokenize_captions(tok, NEGATIVES))
+    x_t = sched.add_noise(images, noise, timesteps)
     emb, t2, model_in = torch.cat([uncond, cond]), torch.cat([timesteps, timesteps]), torch.cat([x_t, x_t])
 
     def call():
