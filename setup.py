@@ -9,7 +9,6 @@ setup(
     python_requires=">=3.10",
     packages=["sfd_fast", "sfd_fast.engine", "sfd_fast.digits", "sfd_fast.sd", "sfd_fast.ddpm", "sfd_fast.compat",
               "sfd_fast.evaluation", "sfd_fast.kernels"],
-    package_dir={"sfd_fast": "sfd_fast", "sfd_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "diffusers>=0.30", "transformers>=4.40", "safetensors>=0.4", "numpy",
                       "scipy", "scikit-learn", "tqdm", "pillow", "pyyaml", "matplotlib>=3.5"],
     extras_require={

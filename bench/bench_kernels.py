@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import time
 
 import pytest
@@ -66,9 +65,7 @@ def _peak_copy_gbps(device: str) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_module():
-    if importlib.util.find_spec("sfd_fast.kernels") is not None:
-        return importlib.import_module("sfd_fast.kernels.sfd_loss")
-    return importlib.import_module("kernels.sfd_loss")  # source checkout before install
+    return importlib.import_module("sfd_fast.kernels.sfd_loss")
 
 
 @functools.lru_cache(maxsize=None)

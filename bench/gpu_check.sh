@@ -103,8 +103,7 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 else
     log "no wheels in $WHEELS (make wheelhouse): using the installed packages only"
 fi
-cp bench/gpu_sitecustomize.py "$SITE/sitecustomize.py"   # sfd_fast.kernels -> kernels/ (setup.py's package_dir)
-export SFD_FAST_ROOT="$ROOT"
+# the checkout itself is importable from its root: sfd_fast/kernels links to kernels/ (docs/install.md)
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0                              # native kernels (tests/conftest.py defaults it to 1)

@@ -39,7 +39,7 @@ import functools
 
 import torch
 
-from . import TRITON_INSTALL_HINT, triton_available
+from .triton_support import TRITON_INSTALL_HINT, triton_available
 
 _HAS_TRITON = triton_available()
 if _HAS_TRITON:
@@ -281,56 +281,50 @@ def _backward_impl(grad_loss, x_g, y_real, y_fake, omega, alpha: float):
 # --------------------------------------------------------------------------------------------------
 # torch.library registration (opaque to torch.compile; composes with fullgraph=True)
 # --------------------------------------------------------------------------------------------------
-def _already_registered(name: str) -> bool:
-    # The same file may be imported as `kernels.sfd_loss` and as `sfd_fast.kernels.sfd_loss`;
-    # a second registration would raise, so the second import reuses the first one's ops.
-    try:
-        getattr(getattr(torch.ops, _OP_NAMESPACE), name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+@torch.library.custom_op(f"{_OP_NAMESPACE}::{_OP_NAME}", mutates_args=())
+def _sfd_generator_loss_op(
+    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x_g, y_real, y_fake, alpha)
 
 
-if not _already_registered(_OP_NAME):
+@_sfd_generator_loss_op.register_fake
+def _(x_g, y_real, y_fake, alpha):
+    B = x_g.shape[0]
+    return x_g.new_empty(B, dtype=torch.float32), x_g.new_empty(B, dtype=torch.float32)
 
-    @torch.library.custom_op(f"{_OP_NAMESPACE}::{_OP_NAME}", mutates_args=())
-    def _sfd_generator_loss_op(
-        x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward_impl(x_g, y_real, y_fake, alpha)
 
-    @_sfd_generator_loss_op.register_fake
-    def _(x_g, y_real, y_fake, alpha):
-        B = x_g.shape[0]
-        return x_g.new_empty(B, dtype=torch.float32), x_g.new_empty(B, dtype=torch.float32)
+@torch.library.custom_op(f"{_OP_NAMESPACE}::{_OP_BWD_NAME}", mutates_args=())
+def _sfd_generator_loss_bwd_op(
+    grad_loss: torch.Tensor, x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
+    omega: torch.Tensor, alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_loss, x_g, y_real, y_fake, omega, alpha)
 
-    @torch.library.custom_op(f"{_OP_NAMESPACE}::{_OP_BWD_NAME}", mutates_args=())
-    def _sfd_generator_loss_bwd_op(
-        grad_loss: torch.Tensor, x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
-        omega: torch.Tensor, alpha: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _backward_impl(grad_loss, x_g, y_real, y_fake, omega, alpha)
 
-    @_sfd_generator_loss_bwd_op.register_fake
-    def _(grad_loss, x_g, y_real, y_fake, omega, alpha):
-        return torch.empty_like(x_g), torch.empty_like(y_real), torch.empty_like(y_fake)
+@_sfd_generator_loss_bwd_op.register_fake
+def _(grad_loss, x_g, y_real, y_fake, omega, alpha):
+    return torch.empty_like(x_g), torch.empty_like(y_real), torch.empty_like(y_fake)
 
-    def _setup_context(ctx, inputs, output):
-        x_g, y_real, y_fake, alpha = inputs
-        _, omega = output
-        ctx.save_for_backward(x_g, y_real, y_fake, omega)
-        ctx.alpha = alpha
-        ctx.mark_non_differentiable(omega)
 
-    def _backward(ctx, grad_loss, grad_omega):
-        # grad_omega is ignored: omega is a constant weight (no gradient), as in the reference.
-        x_g, y_real, y_fake, omega = ctx.saved_tensors
-        dxg, dyr, dyf = torch.ops.sfd_fast.sfd_generator_loss_backward(
-            grad_loss, x_g, y_real, y_fake, omega, ctx.alpha
-        )
-        return dxg, dyr, dyf, None
+def _setup_context(ctx, inputs, output):
+    x_g, y_real, y_fake, alpha = inputs
+    _, omega = output
+    ctx.save_for_backward(x_g, y_real, y_fake, omega)
+    ctx.alpha = alpha
+    ctx.mark_non_differentiable(omega)
 
-    _sfd_generator_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+def _backward(ctx, grad_loss, grad_omega):
+    # grad_omega is ignored: omega is a constant weight (no gradient), as in the reference.
+    x_g, y_real, y_fake, omega = ctx.saved_tensors
+    dxg, dyr, dyf = torch.ops.sfd_fast.sfd_generator_loss_backward(
+        grad_loss, x_g, y_real, y_fake, omega, ctx.alpha
+    )
+    return dxg, dyr, dyf, None
+
+
+_sfd_generator_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

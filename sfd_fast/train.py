@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
+if __package__ in (None, ""):  # run as a script: import the package, not its sibling modules
     import importlib.util
     _here = os.path.dirname(os.path.abspath(__file__))
+    # `python sfd_fast/train.py` puts sfd_fast/ first on sys.path, which would make config.py, sd/,
+    # engine/ ... importable as top-level `config`, `sd`, `engine`: drop it, and add the repository
+    # root only when sfd_fast is not installed (nothing at the root shadows an installed package:
+    # tests/test_install.py).
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    # Add the repository root only when sfd_fast is not installed: the root also holds `kernels/`
-    # (installed as sfd_fast.kernels), which would shadow the unrelated PyPI package `kernels`
-    # that bitsandbytes / transformers probe for.
     if importlib.util.find_spec("sfd_fast") is None:
         sys.path.insert(0, os.path.dirname(_here))
 

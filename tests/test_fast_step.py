@@ -57,9 +57,9 @@ def test_select_generator_loss_choices(tmp_path):
 
 
 def test_triton_requested_without_triton_is_a_clear_error(tmp_path, monkeypatch):
-    import sfd_fast.kernels as kernel_pkg
+    from sfd_fast.kernels import triton_support
 
-    monkeypatch.setattr(kernel_pkg, "_TRITON_OK", False)  # as if `import triton` failed
+    monkeypatch.setattr(triton_support, "_TRITON_OK", False)  # as if `import triton` failed
     cfg = load_config(tiny_digits_config(tmp_path)).engine
     cfg.kernels = "triton"
     with pytest.raises(ImportError, match="pip install triton"):

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _native_kernel():
-    from sfd_fast.kernels import sfd_loss, triton_available
+    from sfd_fast.kernels import sfd_loss
+    from sfd_fast.kernels.triton_support import triton_available
 
     if not triton_available():
         pytest.skip("Triton is not installed (`pip install triton`)")

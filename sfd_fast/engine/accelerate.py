@@ -31,7 +31,7 @@ def select_generator_loss(engine_cfg, device: torch.device):
     """The SFD generator-loss implementation for `engine.kernels`:
 
     * "torch":  the plain-torch reference `losses.generator_loss`;
-    * "triton": the fused Triton op `sfd_fast.kernels.sfd_generator_loss` (same signature and
+    * "triton": the fused Triton op `sfd_fast.kernels.sfd_loss.sfd_generator_loss` (same signature and
       gradients). Without Triton: ImportError with the install hint. On CPU tensors it runs only in
       Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported; tests only, slow):
       otherwise a RuntimeError says so. Never a silent fallback (ARCHITECTURE.md property 5);
@@ -45,10 +45,10 @@ def select_generator_loss(engine_cfg, device: torch.device):
         raise ValueError(f"engine.kernels={choice!r}; expected one of {KERNEL_CHOICES}")
     if choice == "torch":
         return generator_loss
-    from .. import kernels as kernel_pkg
+    from ..kernels.triton_support import require_triton, triton_available
 
     if choice == "auto":
-        if device.type == "cuda" and kernel_pkg.triton_available():
+        if device.type == "cuda" and triton_available():
             from ..kernels import sfd_loss
 
             if not sfd_loss.kernel_interpreted():
@@ -60,7 +60,7 @@ def select_generator_loss(engine_cfg, device: torch.device):
         log.info("engine.kernels=auto -> torch reference generator loss (%s)", why)
         return generator_loss
     # explicit "triton": fail loudly, with what to do
-    kernel_pkg.require_triton("engine.kernels='triton' (the fused SFD generator loss)")
+    require_triton("engine.kernels='triton' (the fused SFD generator loss)")
     from ..kernels import sfd_loss
 
     if device.type != "cuda" and not sfd_loss.kernel_interpreted():

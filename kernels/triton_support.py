@@ -1,17 +1,19 @@
-"""Triton kernels for sfd_fast, installed as the subpackage ``sfd_fast.kernels``.
+"""Whether Triton can be used, and the install hint when it cannot.
 
-This package imports nothing heavy and never touches CUDA at import time (ARCHITECTURE.md,
+The top-level folder ``kernels/`` holds the Triton kernels; it is importable only as
+``sfd_fast.kernels`` (``sfd_fast/kernels`` is a link to it, and it has no ``__init__.py``), never as
+a top-level ``kernels``: that name belongs to Hugging Face's package, which transformers >= 5.25
+imports, and a root-level package of ours would shadow it whenever the repository root is on
+``sys.path`` (docs/install.md).
+
+This module imports nothing heavy and never touches CUDA at import time (ARCHITECTURE.md,
 property 6). Triton itself is optional: ``triton_available()`` says whether it can be imported, and
 the kernel modules raise an ImportError with the install hint when a kernel is explicitly requested
-without it (property 5). Kernel modules are loaded lazily on first attribute access, e.g.
-``sfd_fast.kernels.sfd_generator_loss``.
+without it (property 5).
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__all__ = ["triton_available", "require_triton", "TRITON_INSTALL_HINT", "sfd_generator_loss", "sfd_loss_ref"]
+__all__ = ["triton_available", "require_triton", "TRITON_INSTALL_HINT"]
 
 TRITON_INSTALL_HINT = (
     "Triton is not installed: `pip install triton` (Linux + CUDA; on CPU run with TRITON_INTERPRET=1 "
@@ -40,13 +42,3 @@ def require_triton(what: str = "this kernel") -> None:
     if not triton_available():
         raise ImportError(f"{what} was requested but {TRITON_INSTALL_HINT}")
 
-
-# Lazy attributes: name -> submodule that defines it.
-_LAZY = {"sfd_generator_loss": "sfd_loss", "sfd_loss_ref": "sfd_loss"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
