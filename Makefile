@@ -11,33 +11,49 @@ TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 DEMO_CONFIG ?= configs/digits_forget0.json
 PYTEST_ARGS ?=
+# The lock (docs/install.md): `make lock` regenerates it with uv; installs use pip with hashes.
+UV_VERSION ?= 0.13.9
+LOCK_TEST := requirements/test.txt
+LOCK_RUNTIME := requirements/runtime.txt
 
-.PHONY: demo test venv install install-test bench clean-demo help wheelhouse
+.PHONY: demo test venv install install-test bench clean-demo help wheelhouse lock test-matrix
 
 help:
 	@echo "make demo    create $(VENV), install, run the digits default end to end, print the metrics"
 	@echo "make test    install the test extras and run the CPU test tier"
 	@echo "make bench   run the throughput benchmarks (pytest bench/)"
 	@echo "make wheelhouse  the wheels the GPU device image lacks, into .whl/ (docs/gpu_check.md)"
+	@echo "make lock    regenerate requirements/test.txt and runtime.txt (uv; docs/install.md)"
+	@echo "make test-matrix  the CPU tier in the oldest / newest environments (docs/install.md)"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
+# torch first, pinned by version (TORCH_VERSION; requirements/constraints.in says the same): with a GPU
+# the default (CUDA) build and the nvidia-* / triton wheels it asks for; without one the CPU build alone,
+# whose pure-Python needs (sympy, networkx, ...) then come from the lock at their locked versions.
 $(VENV)/.torch: | $(VENV)/bin/python
 ifeq ($(HAS_GPU),1)
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 else
-	$(PIP) install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(PIP) install -q --no-deps "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+endif
+	touch $@
+
+# Locked installs: every package at the version and hash of the lock (--no-deps: the lock is the whole
+# closure, so pip resolves nothing on its own), then this project without dependencies, then `pip check`.
+$(VENV)/.installed: setup.py $(LOCK_RUNTIME) $(VENV)/.torch
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK_RUNTIME)
+	$(PIP) install -q --no-deps -e .
+	$(PIP) check
+ifneq ($(HAS_GPU),1)
 	@$(PY) -c "import torch,sys; v=torch.__version__; print('torch', v); sys.exit(0 if (not torch.version.cuda) else 'expected a CPU build of torch on a machine without a GPU, got ' + v)"
 endif
 	touch $@
 
-$(VENV)/.installed: setup.py $(VENV)/.torch
-	$(PIP) install -q -e .
-	touch $@
-
-$(VENV)/.installed-test: setup.py $(VENV)/.installed
-	$(PIP) install -q -e ".[test]"
+$(VENV)/.installed-test: setup.py $(LOCK_TEST) $(VENV)/.installed
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK_TEST)
+	$(PIP) check
 	touch $@
 
 install: $(VENV)/.installed
@@ -56,6 +72,15 @@ clean-demo:
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests -m "not gpu" $(PYTEST_ARGS)
+
+lock: | $(VENV)/bin/python
+	$(PIP) install -q "uv==$(UV_VERSION)"
+	UV=$(VENV)/bin/uv bash requirements/lock.sh
+
+# oldest / newest environments (docs/install.md): one venv each under .matrix/, the CPU tier, a dated
+# line per environment appended to docs/install_matrix.log; the table in docs/install.md quotes it.
+test-matrix:
+	bash requirements/matrix.sh $(MATRIX_ENVS)
 
 bench: $(VENV)/.installed-test
 	$(PY) -m pytest bench $(PYTEST_ARGS)
