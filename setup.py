@@ -6,19 +6,22 @@ setup(
     name="sfd-fast",
     version="0.1.0",
     description="Fast Score Forgetting Distillation: data-free unlearning + one-step distillation of diffusion models",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=["sfd_fast", "sfd_fast.engine", "sfd_fast.digits", "sfd_fast.sd", "sfd_fast.ddpm", "sfd_fast.compat",
               "sfd_fast.evaluation", "sfd_fast.kernels"],
-    install_requires=["torch>=2.4", "diffusers>=0.30", "transformers>=4.40", "safetensors>=0.4", "numpy",
-                      "scipy", "scikit-learn", "tqdm", "pillow", "pyyaml", "matplotlib>=3.5"],
+    # Lower bounds: the oldest versions the "oldest" environment of `make test-matrix` passes with
+    # (docs/install.md); exact versions come from the lock (requirements/), not from here.
+    install_requires=["torch>=2.11", "diffusers>=0.31", "transformers>=4.46", "safetensors>=0.4.5", "numpy>=1.26",
+                      "scipy>=1.12", "scikit-learn>=1.5", "tqdm>=4.66", "pillow>=10.4", "pyyaml>=6.0.1",
+                      "matplotlib>=3.8"],
     extras_require={
-        "gpu": ["triton", "xformers", "bitsandbytes", "nvidia-ml-py"],
-        "dist": ["deepspeed==0.19.8"],
+        "gpu": ["triton>=3.1", "xformers", "bitsandbytes>=0.50.2", "nvidia-ml-py"],
+        "dist": ["deepspeed>=0.19.8"],
         # FID / Inception Score of ddpm runs (sfd_fast/evaluation/fid.py): torchmetrics' metrics on our own
         # Inception port, so neither torch-fidelity nor torchvision (whose wheels pin a CUDA torch) is needed
-        "eval": ["torchmetrics==1.9.0"],
-        "test": ["pytest", "pytest-benchmark", "triton", "deepspeed==0.19.8", "bitsandbytes==0.50.2",
-                 "torchmetrics==1.9.0"],
+        "eval": ["torchmetrics>=1.9.0"],
+        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "triton>=3.1", "deepspeed>=0.19.8", "bitsandbytes>=0.50.2",
+                 "torchmetrics>=1.9.0"],
     },
     entry_points={"console_scripts": ["sfd-fast=sfd_fast.cli:main"]},
 )

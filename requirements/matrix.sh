@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# `make test-matrix [MATRIX_ENVS="oldest newest"]`: the CPU test tier in environments other than the lock's
+# (docs/install.md). One fresh venv per environment under .matrix/<env>; each writes
+# requirements/matrix/<env>.json (date, commit, Python, the versions that matter, passed/failed/skipped)
+# and .matrix/<env>/pytest.log. The "locked" environment is `make test` (CI); "device" is the replica of
+# the GPU machine's image (`make device-replica`, docs/gpu_check.md).
+#
+#   oldest   Python 3.11, torch 2.13.0 (CPU build), every other direct dependency at the lower bound
+#            setup.py states (name>=X becomes name==X); indirect ones resolved by pip
+#   newest   Python 3.11, torch: the newest CPU build the machine can install (TORCH_NEWEST, default
+#            2.14.1), every other dependency at its newest release today (pip, no lock, no cap)
+#
+# Python: MATRIX_PYTHON (default: pyenv's 3.11, else python3.11). CPU torch wheels come from pip's own
+# configuration (find-links / an index); TORCH_INDEX as in the Makefile.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+ENVS=("${@:-oldest newest}")
+read -r -a ENVS <<<"${ENVS[*]}"
+PYBASE="${MATRIX_PYTHON:-$(ls -d "$HOME"/.pyenv/versions/3.11*/bin/python3 2>/dev/null | tail -n 1)}"
+PYBASE="${PYBASE:-python3.11}"
+TORCH_OLDEST="${TORCH_OLDEST:-2.13.0}"
+TORCH_NEWEST="${TORCH_NEWEST:-2.14.1}"
+mkdir -p requirements/matrix .matrix
+commit="$(git rev-parse --short HEAD)$([ -n "$(git status --porcelain -- setup.py sfd_fast kernels tests requirements)" ] && echo '-dirty')"
+idx=(); [ -n "${TORCH_INDEX:-}" ] && idx=(--index-url "$TORCH_INDEX")
+
+lower_bounds() {  # setup.py's name>=X (install_requires + the test extra) as name==X constraints
+    "$1" - <<'PY'
+import ast, re
+tree = ast.parse(open("setup.py").read())
+call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+for req in kw["install_requires"] + kw["extras_require"]["test"]:
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][^,;\s]*)", req)
+    if m and m.group(1) != "torch":
+        print(f"{m.group(1)}=={m.group(2)}")
+PY
+}
+
+status=0
+for env in "${ENVS[@]}"; do
+    venv=".matrix/$env"
+    rm -rf "$venv"
+    echo "== $env: $venv"
+    "$PYBASE" -m venv "$venv" || { echo "cannot create $venv with $PYBASE" >&2; exit 2; }
+    pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+    case "$env" in
+        oldest)
+            lower_bounds "$venv/bin/python" >"$venv/constraints.txt"
+            "${pip[@]}" --no-deps "torch==$TORCH_OLDEST" "${idx[@]}" \
+              && "${pip[@]}" -c "$venv/constraints.txt" -e ".[test]";;
+        newest)
+            # PIP_CONSTRAINT= lifts a machine-wide cap; the torch build stays the CPU one installed first
+            "${pip[@]}" --no-deps "torch==$TORCH_NEWEST" "${idx[@]}" \
+              && PIP_CONSTRAINT= "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[test]" "torch==$TORCH_NEWEST";;
+        *) echo "unknown environment '$env' (oldest, newest; 'locked' is make test, 'device' is make device-replica)" >&2; exit 2;;
+    esac
+    rc=$?
+    if [ $rc -ne 0 ]; then echo "$env: install failed (exit $rc)" >&2; status=1; fi
+    "$venv/bin/python" -m pip freeze --exclude-editable >"$venv/freeze.txt" 2>/dev/null
+    if [ $rc -eq 0 ]; then
+        "$venv/bin/python" -m pip check >"$venv/pip_check.txt" 2>&1 || echo "$env: pip check found problems ($venv/pip_check.txt)" >&2
+        nice "$venv/bin/python" -m pytest tests -m "not gpu" -q -p no:cacheprovider --junitxml "$venv/junit.xml" \
+            >"$venv/pytest.log" 2>&1
+        rc=$?
+        tail -n 3 "$venv/pytest.log"
+        [ $rc -eq 0 ] || status=1
+    fi
+    "$venv/bin/python" - "$env" "$venv" "$commit" "$rc" <<'PY'
+import datetime, json, platform, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+env, venv, commit, rc = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+pins = dict(l.split("==", 1) for l in (venv / "freeze.txt").read_text().splitlines() if "==" in l)
+keys = ["torch", "transformers", "diffusers", "huggingface-hub", "kernels", "numpy", "scipy", "scikit-learn",
+        "safetensors", "triton", "deepspeed", "bitsandbytes", "torchmetrics", "pytest"]
+counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+junit = venv / "junit.xml"
+if junit.exists():
+    for s in ET.parse(junit).getroot().iter("testsuite"):
+        t, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+        counts["failed"] += f; counts["errors"] += e; counts["skipped"] += k; counts["passed"] += t - f - e - k
+rec = {"environment": env, "date": datetime.date.today().isoformat(), "commit": commit,
+       "machine": f"{platform.machine()}, {open('/proc/cpuinfo').read().count('processor')} CPUs", "python": platform.python_version(),
+       "versions": {k: pins.get(k) for k in keys if pins.get(k)}, **counts, "exit_code": rc,
+       "status": "passed" if rc == 0 else ("install failed" if not junit.exists() else "failed")}
+Path(f"requirements/matrix/{env}.json").write_text(json.dumps(rec, indent=1) + "\n")
+print(json.dumps(rec))
+PY
+done
+exit $status
