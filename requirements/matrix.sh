@@ -8,7 +8,9 @@
 #   oldest   Python 3.11, torch 2.13.0 (CPU build), every other direct dependency at the lower bound
 #            setup.py states (name>=X becomes name==X); indirect ones resolved by pip
 #   newest   Python 3.11, torch: the newest CPU build the machine can install (TORCH_NEWEST, default
-#            2.14.1), every other dependency at its newest release today (pip, no lock, no cap)
+#            2.13.0: PyPI's newer torch releases are CUDA builds that do not import without several GB of
+#            nvidia-* wheels, which a CPU machine must not pull), every other dependency at its newest
+#            release today (pip, no lock, no cap)
 #
 # Python: MATRIX_PYTHON (default: pyenv's 3.11, else python3.11). CPU torch wheels come from pip's own
 # configuration (find-links / an index); TORCH_INDEX as in the Makefile.
@@ -20,7 +22,7 @@ read -r -a ENVS <<<"${ENVS[*]}"
 PYBASE="${MATRIX_PYTHON:-$(ls -d "$HOME"/.pyenv/versions/3.11*/bin/python3 2>/dev/null | tail -n 1)}"
 PYBASE="${PYBASE:-python3.11}"
 TORCH_OLDEST="${TORCH_OLDEST:-2.13.0}"
-TORCH_NEWEST="${TORCH_NEWEST:-2.14.1}"
+TORCH_NEWEST="${TORCH_NEWEST:-2.13.0}"
 mkdir -p requirements/matrix .matrix
 commit="$(git rev-parse --short HEAD)$([ -n "$(git status --porcelain -- setup.py sfd_fast kernels tests requirements)" ] && echo '-dirty')"
 idx=(); [ -n "${TORCH_INDEX:-}" ] && idx=(--index-url "$TORCH_INDEX")
@@ -44,16 +46,19 @@ for env in "${ENVS[@]}"; do
     rm -rf "$venv"
     echo "== $env: $venv"
     "$PYBASE" -m venv "$venv" || { echo "cannot create $venv with $PYBASE" >&2; exit 2; }
-    pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+    pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off)
     case "$env" in
         oldest)
             lower_bounds "$venv/bin/python" >"$venv/constraints.txt"
             "${pip[@]}" --no-deps "torch==$TORCH_OLDEST" "${idx[@]}" \
+              && "$venv/bin/python" -m pip list 2>/dev/null | awk '$1 == "torch" {print "torch==" $2}' >>"$venv/constraints.txt" \
               && "${pip[@]}" -c "$venv/constraints.txt" -e ".[test]";;
         newest)
-            # PIP_CONSTRAINT= lifts a machine-wide cap; the torch build stays the CPU one installed first
+            # PIP_CONSTRAINT= lifts a machine-wide cap; the constraint on the exact installed torch (local
+            # label included, e.g. 2.13.0+cpu) keeps the CPU build installed first
             "${pip[@]}" --no-deps "torch==$TORCH_NEWEST" "${idx[@]}" \
-              && PIP_CONSTRAINT= "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[test]" "torch==$TORCH_NEWEST";;
+              && "$venv/bin/python" -m pip list 2>/dev/null | awk '$1 == "torch" {print "torch==" $2}' >"$venv/constraints.txt" \
+              && PIP_CONSTRAINT= "${pip[@]}" --upgrade --upgrade-strategy eager -c "$venv/constraints.txt" -e ".[test]";;
         *) echo "unknown environment '$env' (oldest, newest; 'locked' is make test, 'device' is make device-replica)" >&2; exit 2;;
     esac
     rc=$?
