@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# `make test-matrix [MATRIX_ENVS="oldest newest"]`: the CPU test tier in environments other than the lock's
+# `make test-matrix [MATRIX_ENVS="locked oldest newest"]`: the CPU test tier in environments other than the lock's
 # (docs/install.md). One fresh venv per environment under .matrix/<env>; each writes
 # requirements/matrix/<env>.json (date, commit, Python, the versions that matter, passed/failed/skipped)
-# and .matrix/<env>/pytest.log. The "locked" environment is `make test` (CI); "device" is the replica of
-# the GPU machine's image (`make device-replica`, docs/gpu_check.md).
+# and .matrix/<env>/pytest.log; `python requirements/matrix_table.py --write` then updates the table in
+# docs/install.md and the README's supported range. "device" is the replica of the GPU machine's image
+# (`make device-replica`, docs/gpu_check.md).
 #
+#   locked   Python 3.11, torch 2.13.0 (CPU build), requirements/test.txt: what `make test` and CI install
 #   oldest   Python 3.11, torch 2.13.0 (CPU build), every other direct dependency at the lower bound
 #            setup.py states (name>=X becomes name==X); indirect ones resolved by pip
 #   newest   Python 3.11, torch: the newest CPU build the machine can install (TORCH_NEWEST, default
@@ -17,7 +19,7 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-ENVS=("${@:-oldest newest}")
+ENVS=("${@:-locked oldest newest}")
 read -r -a ENVS <<<"${ENVS[*]}"
 PYBASE="${MATRIX_PYTHON:-$(ls -d "$HOME"/.pyenv/versions/3.11*/bin/python3 2>/dev/null | tail -n 1)}"
 PYBASE="${PYBASE:-python3.11}"
@@ -48,6 +50,10 @@ for env in "${ENVS[@]}"; do
     "$PYBASE" -m venv "$venv" || { echo "cannot create $venv with $PYBASE" >&2; exit 2; }
     pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off)
     case "$env" in
+        locked)  # what `make test` installs (the Makefile's steps, in a venv of its own)
+            "${pip[@]}" --no-deps "torch==$(sed -n 's/^torch==//p' requirements/constraints.in)" "${idx[@]}" \
+              && "${pip[@]}" --no-deps --require-hashes -r requirements/test.txt \
+              && "${pip[@]}" --no-deps -e .;;
         oldest)
             lower_bounds "$venv/bin/python" >"$venv/constraints.txt"
             "${pip[@]}" --no-deps "torch==$TORCH_OLDEST" "${idx[@]}" \
@@ -59,7 +65,7 @@ for env in "${ENVS[@]}"; do
             "${pip[@]}" --no-deps "torch==$TORCH_NEWEST" "${idx[@]}" \
               && "$venv/bin/python" -m pip list 2>/dev/null | awk '$1 == "torch" {print "torch==" $2}' >"$venv/constraints.txt" \
               && PIP_CONSTRAINT= "${pip[@]}" --upgrade --upgrade-strategy eager -c "$venv/constraints.txt" -e ".[test]";;
-        *) echo "unknown environment '$env' (oldest, newest; 'locked' is make test, 'device' is make device-replica)" >&2; exit 2;;
+        *) echo "unknown environment '$env' (locked, oldest, newest; 'device' is make device-replica)" >&2; exit 2;;
     esac
     rc=$?
     if [ $rc -ne 0 ]; then echo "$env: install failed (exit $rc)" >&2; status=1; fi
@@ -72,25 +78,6 @@ for env in "${ENVS[@]}"; do
         tail -n 3 "$venv/pytest.log"
         [ $rc -eq 0 ] || status=1
     fi
-    "$venv/bin/python" - "$env" "$venv" "$commit" "$rc" <<'PY'
-import datetime, json, platform, sys, xml.etree.ElementTree as ET
-from pathlib import Path
-env, venv, commit, rc = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-pins = dict(l.split("==", 1) for l in (venv / "freeze.txt").read_text().splitlines() if "==" in l)
-keys = ["torch", "transformers", "diffusers", "huggingface-hub", "kernels", "numpy", "scipy", "scikit-learn",
-        "safetensors", "triton", "deepspeed", "bitsandbytes", "torchmetrics", "pytest"]
-counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-junit = venv / "junit.xml"
-if junit.exists():
-    for s in ET.parse(junit).getroot().iter("testsuite"):
-        t, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
-        counts["failed"] += f; counts["errors"] += e; counts["skipped"] += k; counts["passed"] += t - f - e - k
-rec = {"environment": env, "date": datetime.date.today().isoformat(), "commit": commit,
-       "machine": f"{platform.machine()}, {open('/proc/cpuinfo').read().count('processor')} CPUs", "python": platform.python_version(),
-       "versions": {k: pins.get(k) for k in keys if pins.get(k)}, **counts, "exit_code": rc,
-       "status": "passed" if rc == 0 else ("install failed" if not junit.exists() else "failed")}
-Path(f"requirements/matrix/{env}.json").write_text(json.dumps(rec, indent=1) + "\n")
-print(json.dumps(rec))
-PY
+    "$venv/bin/python" requirements/matrix_record.py "$env" "$venv" "$commit" "$rc"
 done
 exit $status

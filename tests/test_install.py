@@ -115,3 +115,25 @@ def test_each_launch_mode_imports_its_own_kernels(mode):
         expected = Path(hf_kernels.locate_file("kernels/__init__.py")).resolve()
         assert Path(origin).resolve() == expected, (
             f"`import kernels` resolves to {origin}, not Hugging Face's package ({expected})")
+
+
+def test_wheel_carries_the_kernels(tmp_path):
+    """A (non-editable) wheel holds sfd_fast/kernels/*.py, copied through the link, and imports from an
+    unpacked install with the repository nowhere on sys.path."""
+    import zipfile
+
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(ROOT)],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("sfd_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"sfd_fast/kernels/sfd_loss.py", "sfd_fast/kernels/triton_support.py"} <= set(names)
+    assert not any(n.startswith("kernels/") for n in names), "no top-level `kernels` in the wheel"
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import os, sys; sys.path = [p for p in sys.path if os.path.abspath(p or '.') != sys.argv[2]]; "
+            "sys.path.insert(0, sys.argv[1]); from sfd_fast.kernels import sfd_loss; print(sfd_loss.__file__)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site"), str(ROOT)], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Path(r.stdout.strip()).resolve() == (tmp_path / "site" / "sfd_fast" / "kernels" / "sfd_loss.py").resolve()
