@@ -10,8 +10,9 @@ setup(
     packages=["sfd_fast", "sfd_fast.engine", "sfd_fast.digits", "sfd_fast.sd", "sfd_fast.ddpm", "sfd_fast.compat",
               "sfd_fast.evaluation", "sfd_fast.kernels"],
     # Lower bounds: the oldest versions the "oldest" environment of `make test-matrix` passes with
-    # (docs/install.md); exact versions come from the lock (requirements/), not from here.
-    install_requires=["torch>=2.11", "diffusers>=0.31", "transformers>=4.46", "safetensors>=0.4.5", "numpy>=1.26",
+    # (docs/install.md); exact versions come from the lock (requirements/), not from here. transformers
+    # 4.56: from_pretrained(dtype=...) (sd/loading.py); 4.46 failed every Stable Diffusion test.
+    install_requires=["torch>=2.11", "diffusers>=0.31", "transformers>=4.56", "safetensors>=0.4.5", "numpy>=1.26",
                       "scipy>=1.12", "scikit-learn>=1.5", "tqdm>=4.66", "pillow>=10.4", "pyyaml>=6.0.1",
                       "matplotlib>=3.8"],
     extras_require={
