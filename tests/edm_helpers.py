@@ -36,3 +36,25 @@ def tiny_vp(arch=DDPMPP, label_dim=10, res=8, seed=0, **extra):
     torch.manual_seed(seed)
     kw = dict(img_resolution=res, img_channels=3, label_dim=label_dim, use_fp16=False, **arch, **extra)
     return randomize(build_network("training.networks.VPPrecond", **kw), seed), kw
+
+
+def write_snapshot(path, entries: dict, zip_archive: bool = False):
+    """A snapshot in EDM's record form: a pickle of {name: record, ...} (EDM / SiD network-snapshot),
+    or, with zip_archive, a torch.save archive of it (SiD's training-state-*.pt)."""
+    import types
+    from sfd_fast.edm.record_pickle import RecordPickler, dump_records
+    if zip_archive:
+        torch.save(entries, path, pickle_module=types.SimpleNamespace(Pickler=RecordPickler, __name__="pickle"))
+    else:
+        with open(path, "wb") as f:
+            dump_records(entries, f)
+    return path
+
+
+def easydict(**items):
+    """A dnnlib.util.EasyDict as pickled by EDM (a dict subclass rebuilt by NEWOBJ + SETITEMS)."""
+    from sfd_fast.edm.unpickle import placeholder
+    cls = placeholder("dnnlib.util", "EasyDict")
+    obj = cls.__new__(cls)
+    obj.update(items)
+    return obj

@@ -175,8 +175,6 @@ SAFE_GLOBALS = {
     ("torch._tensor", "_rebuild_from_type_v2"): rebuild_from_type,
     ("torch.storage", "_load_from_bytes"): load_legacy_storage,
 }
-# what the stand-ins re-emit as (export.py): our function -> the global it stands for
-GLOBAL_OF = {id(v): k for k, v in SAFE_GLOBALS.items()}
 
 
 class SafeUnpickler(pickle.Unpickler):
