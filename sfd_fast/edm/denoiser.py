@@ -27,9 +27,14 @@ from ..schedules import VPSchedule, edm_sigmas_from_u
 class SigmaGridSchedule(VPSchedule):
     """A VP schedule whose alpha_bar_t = 1 / (1 + sigma_t^2) for the Karras sigma grid above."""
 
-    def __init__(self, num_steps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
-        u = torch.arange(num_steps, dtype=torch.float64) / num_steps
-        self.sigma64 = edm_sigmas_from_u(u, sigma_min, sigma_max, rho)
+    def __init__(self, num_steps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 sigmas: torch.Tensor | None = None):
+        """The Karras grid; or, with `sigmas`, exactly those sigmas at t = 0, 1, ... (tests replay
+        another code's continuous sigma draws through the engine this way)."""
+        if sigmas is None:
+            u = torch.arange(num_steps, dtype=torch.float64) / num_steps
+            sigmas = edm_sigmas_from_u(u, sigma_min, sigma_max, rho)
+        self.sigma64 = sigmas.double().flatten()
         super().__init__(1.0 / (1.0 + self.sigma64 ** 2), "sample")
         self.sigma_table = self.sigma64.float()
 
