@@ -298,14 +298,15 @@ USAGE = __doc__
 
 
 def convert(source: str, flag_tokens: list[str]) -> dict:
-    """Dispatch: 'sd-train' -> SD flags, 'sid-edm' -> SiD EDM flags, else a DDPM YAML path; checks the
-    result's keys and types."""
+    """Dispatch: 'sd-train' -> SD flags, else a DDPM YAML path; checks the result's keys and types.
+    ('sid-edm' is sfd_fast/edm/import_config.py's, reached through families.import_config_main.)"""
+    data = sd_flags_to_config(flag_tokens) if source == "sd-train" else ddpm_yaml_to_config(source, flag_tokens)
+    return type_checked(data, source)
+
+
+def type_checked(data: dict, source: str) -> dict:
+    """`data` after checking its keys and types against the Config (a failure here is our bug)."""
     from ..config import ConfigError, Config, _build
-    if source == "sid-edm":
-        from ..edm.import_config import sid_flags_to_config as edm_flags
-        data = edm_flags(flag_tokens)
-    else:
-        data = sd_flags_to_config(flag_tokens) if source == "sd-train" else ddpm_yaml_to_config(source, flag_tokens)
     try:
         _build(Config, data, "", f"import of {source}")  # keys and types (values are checked by train)
     except ConfigError as e:  # a bug here, not the user's: say so
@@ -313,8 +314,9 @@ def convert(source: str, flag_tokens: list[str]) -> dict:
     return data
 
 
-def main(argv=None) -> int:
-    """sfd-fast import-config [--out FILE] [--force] SOURCE [reference flags...]"""
+def main(argv=None, convert_fn=None) -> int:
+    """sfd-fast import-config [--out FILE] [--force] SOURCE [reference flags...]; `convert_fn(source,
+    flags)` replaces `convert` (another family's importer sharing this command line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out, force = None, False
     while argv and argv[0] in ("--out", "--force", "-h", "--help"):
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
     if out is not None and out.exists() and not force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
     try:
-        data = convert(source, flags)
+        data = (convert_fn or convert)(source, flags)
     except ImportError_ as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(data, indent=1) + "\n"

@@ -83,3 +83,18 @@ def sid_flags_to_config(flag_tokens: list[str]) -> dict:
         "edm": {"snapshot": EDM_MODELS.get(model, model), "entry": "ema", "sigma_init": f["init_sigma"],
                 "dropout": f["dropout"], "train_mode_dropout": True},
     }
+
+
+def convert(source: str, flag_tokens: list[str]) -> dict:
+    """'sid-edm' -> SiD EDM flags; any other source is the ddpm importer's (DDPM YAML, 'sd-train')."""
+    from ..ddpm.import_config import convert as reference_convert, type_checked
+    if source != "sid-edm":
+        return reference_convert(source, flag_tokens)
+    return type_checked(sid_flags_to_config(flag_tokens), "SiD sid_train.py flags")
+
+
+def main(argv=None) -> int:
+    """sfd-fast import-config [--out FILE] [--force] SOURCE [flags...]: the ddpm importer's command line,
+    with the 'sid-edm' source added."""
+    from ..ddpm.import_config import main as reference_main
+    return reference_main(argv, convert_fn=convert)
