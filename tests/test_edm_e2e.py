@@ -1,9 +1,6 @@
 """The tiny edm path end to end (configs/edm_tiny.json: train with end-of-run UA, grid, sample,
 export to safetensors and to the EDM record form) and the family's bad-input errors."""
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest

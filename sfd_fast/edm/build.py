@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import check_finite
 from ..conditions import ClassForgetTask, forget_targets
-from ..evaluation.grid import save_image_grid
+from ..evaluation.grid import class_grid_saver
 from ..trainer import RunParts
 from .denoiser import EDMDenoiser, SigmaGridSchedule, SigmaOneStepGenerator
 from .precond import build_network
@@ -96,14 +96,7 @@ def build_parts(cfg) -> RunParts:
     shape = (ch, res, res)
     per_class = e.grid_per_class
 
-    def save_grid(gen: SigmaOneStepGenerator, out: Path):
-        device = next(gen.parameters()).device
-        labels = torch.arange(n, device=device).repeat_interleave(per_class)
-        g = torch.Generator(device=device).manual_seed(GRID_SEED)
-        z = torch.randn((labels.shape[0], *shape), generator=g, device=device)
-        with torch.no_grad():
-            x = gen(z, labels)
-        save_image_grid(x, n, out)
+    save_grid = class_grid_saver(n, per_class, shape, GRID_SEED)
 
     return RunParts(task, teacher, fake_score, generator, shape, save_grid,
                     {"snapshot": str(path), "entry": e.entry, "generator_entry": e.generator_entry or e.entry,

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..conditions import validate_class_targets
+from ..ddpm.checks import _validate_fid as validate_fid
 
 
 def _validate_classes(s, bad) -> None:
@@ -87,23 +88,6 @@ def validate(cfg, bad) -> None:
     if e.classifier and not Path(e.classifier).is_file():
         bad("edm.classifier", f"= {e.classifier!r} does not exist; give the reference train_classifier.py "
             "output (e.g. cifar10_resnet34.pth) or leave it empty to skip the UA evaluation")
-    _validate_fid(e, bad)
+    validate_fid(e, bad, "edm")           # the ddpm family's FID / IS checks, on the edm.* keys
     _validate_snapshot(cfg, bad)
 
-
-def _validate_fid(e, bad) -> None:
-    if not (e.fid_real_dir or e.inception_weights):
-        return
-    from ..evaluation.fid import INSTALL_HINT, image_files, torchmetrics_available
-    from ..evaluation.inception import read_inception_weights
-    if not (e.fid_real_dir and e.inception_weights):
-        bad("edm.fid_real_dir" if not e.fid_real_dir else "edm.inception_weights",
-            "is empty but the other FID / IS setting is set: give both edm.fid_real_dir and "
-            "edm.inception_weights, or neither to skip FID / IS")
-    if not torchmetrics_available():
-        bad("edm.fid_real_dir", f"asks for FID / IS, which need torchmetrics (not installed): {INSTALL_HINT}")
-    for key, check in (("edm.fid_real_dir", image_files), ("edm.inception_weights", read_inception_weights)):
-        try:
-            check(getattr(e, key.split(".")[1]), key)
-        except ValueError as err:
-            bad(key, str(err).removeprefix(f"{key}: "))

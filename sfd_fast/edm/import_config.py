@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shlex
 
-from ..ddpm.import_config import ImportError_, _bool, _require, parse_flags
+from ..ddpm.import_config import _bool, _require, parse_flags
 
 EDM_MODELS = {"cifar10-uncond": "edm-cifar10-32x32-uncond-vp.pkl", "cifar10-cond": "edm-cifar10-32x32-cond-vp.pkl",
               "ffhq64": "edm-ffhq-64x64-uncond-vp.pkl", "afhq64-v2": "edm-afhqv2-64x64-uncond-vp.pkl",

@@ -55,7 +55,8 @@ def _module_state(m: nn.Module, module_src: str, init_kwargs: dict | None) -> di
                             for n, p in v.items())
         elif k == "_buffers":
             v = OrderedDict((n, None if b is None else b.detach().cpu().clone()) for n, b in v.items())
-        elif k not in TORCH_MODULE_KEYS and not isinstance(v, (bool, int, float, str, type(None), list, tuple, dict, set)):
+        elif k not in TORCH_MODULE_KEYS and not isinstance(v, (bool, int, float, str, type(None), list, tuple, dict,
+                                                               set)):
             raise TypeError(f"{type(m).__name__}.{k} is a {type(v).__name__}; only plain attributes can be exported")
         state[k] = v
     state["_init_args"] = ()

@@ -12,7 +12,6 @@ d = (x - D(x, t)) / t, corrected by the mean slope (Heun) except into t_N = 0. I
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -70,46 +69,26 @@ def load_run_generator(run_dir: Path, device, checkpoint: str | None = None, raw
     """-> (cfg, one-step generator with the run's EMA (or raw) weights, description)."""
     from safetensors.torch import load_file
 
-    from ..ddpm.sample import checkpoint_dir
+    from ..ddpm.sample import generator_weights_file
     from .build import build_network_for_run
     cfg = run_config(run_dir)
-    ck = checkpoint_dir(run_dir, checkpoint)
-    f = ck / ("generator.safetensors" if raw else "generator_ema.safetensors")
-    if not f.is_file():
-        f = ck / "generator.safetensors"
-    if not f.is_file():
-        raise SystemExit(f"error: {f} does not exist; {ck} is not a complete checkpoint")
+    ck, f = generator_weights_file(run_dir, checkpoint, raw)
     generator = build_network_for_run(cfg, load_file(str(f)))
     return cfg, generator.to(device).eval(), f"{ck.name}/{f.name}"
 
 
 def main(argv=None) -> int:
     """sfd-fast sample for edm runs (see the module docstring)."""
-    from ..ddpm.sample import parse_classes, sample_to_folder
-    p = argparse.ArgumentParser(prog="sfd-fast sample", description="Class samples of an edm run, named "
-                                "{cls:03d}_{id:05d}.png: the one-step generator, or the teacher (--heun-steps).")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--classes", default="0-9", help="e.g. 0,...,9 or 1-9 or 0,2,5 (default 0-9)")
-    p.add_argument("--n-per-class", type=int, required=True)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
+    from ..ddpm.sample import checked_sample_args, class_sample_parser, sample_to_folder
+    p = class_sample_parser("Class samples of an edm run, named {cls:03d}_{id:05d}.png: the one-step "
+                            "generator, or the teacher (--heun-steps).")
     p.add_argument("--heun-steps", type=int, default=0,
                    help="sample the run's TEACHER with EDM's Heun sampler in this many steps (EDM default 18)")
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--force", action="store_true", help="write into a folder that already holds images")
     a = p.parse_args(argv)
-    if a.n_per_class < 1 or a.batch_size < 1:
-        p.error("--n-per-class and --batch-size must be >= 1")
     if a.heun_steps == 1 or a.heun_steps < 0:
         p.error("--heun-steps must be >= 2 (EDM's default is 18), or 0 for the one-step generator")
     cfg = run_config(Path(a.run))
-    classes = parse_classes(a.classes, cfg.sfd.num_classes)
-    out = Path(a.out_dir)
-    if out.is_dir() and any(out.glob("*.png")) and not a.force:
-        raise SystemExit(f"error: {out} already holds PNG images; pass --force or use an empty folder")
+    classes, out = checked_sample_args(p, a, cfg.sfd.num_classes)
     from ..engine import resolve_device
     device = resolve_device(a.device)
     if a.heun_steps:

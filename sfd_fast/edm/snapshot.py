@@ -129,7 +129,8 @@ def load_strict(net: torch.nn.Module, tensors: dict, where: str) -> None:
                             + (f"unexpected {extra[0]!r} ({len(extra)} in all)" if extra else ""))
     for k, v in ours.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
-            raise SnapshotError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, the network expects {tuple(v.shape)}")
+            raise SnapshotError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, the network expects "
+                                f"{tuple(v.shape)}")
     net.load_state_dict({k: tensors[k].to(v.dtype).contiguous() for k, v in ours.items()})
 
 
@@ -140,7 +141,8 @@ def read_safetensors(path: Path) -> torch.nn.Module:
         meta = f.metadata() or {}
     if SAFETENSORS_CLASS_KEY not in meta or SAFETENSORS_KWARGS_KEY not in meta:
         raise SnapshotError(f"{path}: safetensors file without '{SAFETENSORS_CLASS_KEY}' / "
-                            f"'{SAFETENSORS_KWARGS_KEY}' metadata; write it with `sfd-fast export --format edm-safetensors`")
+                            f"'{SAFETENSORS_KWARGS_KEY}' metadata; write it with "
+                            "`sfd-fast export --format edm-safetensors`")
     try:
         kwargs = json.loads(meta[SAFETENSORS_KWARGS_KEY])
         net = build_network(meta[SAFETENSORS_CLASS_KEY], **kwargs)

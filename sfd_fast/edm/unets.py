@@ -24,6 +24,31 @@ def _drop_labels(net: nn.Module, labels: torch.Tensor, batch: int) -> torch.Tens
     return labels
 
 
+def _encoder_blocks(enc, r: str, c: int, cout: int, num_blocks: int, attention: bool, blk: dict,
+                    skip_channels: list) -> int:
+    """num_blocks UNetBlocks "{r}_block{i}" (c -> cout), each output a skip connection."""
+    for i in range(num_blocks):
+        enc[f"{r}_block{i}"] = UNetBlock(c, cout, attention=attention, **blk)
+        c = cout
+        skip_channels.append(c)
+    return c
+
+
+def _decoder_level(dec, r: str, top: bool, c: int, cout: int, num_blocks: int, blk: dict, skip_channels: list,
+                   attention_of) -> int:
+    """One decoder resolution: "in0" (attention) + "in1" at the lowest, else "up"; then num_blocks + 1
+    blocks each taking one skip connection (concatenated), attention where attention_of(i)."""
+    if top:
+        dec[f"{r}_in0"] = UNetBlock(c, c, attention=True, **blk)
+        dec[f"{r}_in1"] = UNetBlock(c, c, **blk)
+    else:
+        dec[f"{r}_up"] = UNetBlock(c, c, up=True, **blk)
+    for i in range(num_blocks + 1):
+        cin, c = c + skip_channels.pop(), cout
+        dec[f"{r}_block{i}"] = UNetBlock(cin, c, attention=attention_of(i), **blk)
+    return c
+
+
 class SongUNet(nn.Module):
     """DDPM++ (positional embedding, standard encoder, filter [1,1]) and NCSN++ (fourier embedding,
     residual encoder, filter [1,3,3,1]) of Song et al. as EDM restates them."""
@@ -71,27 +96,16 @@ class SongUNet(nn.Module):
                                                            fused_resample=True, **init)
                     c_aux = c
             skip_channels.append(c)
-            for i in range(num_blocks):
-                attn = (img_resolution >> level) in attn_resolutions
-                self.enc[f"{r}_block{i}"] = UNetBlock(c, model_channels * mult, attention=attn, **blk)
-                c = model_channels * mult
-                skip_channels.append(c)
+            attn = (img_resolution >> level) in attn_resolutions
+            c = _encoder_blocks(self.enc, r, c, model_channels * mult, num_blocks, attn, blk, skip_channels)
 
         self.dec = nn.ModuleDict()
         last = len(channel_mult) - 1
         for level in range(last, -1, -1):
             res, mult = img_resolution >> level, channel_mult[level]
             r = f"{res}x{res}"
-            if level == last:
-                self.dec[f"{r}_in0"] = UNetBlock(c, c, attention=True, **blk)
-                self.dec[f"{r}_in1"] = UNetBlock(c, c, **blk)
-            else:
-                self.dec[f"{r}_up"] = UNetBlock(c, c, up=True, **blk)
-            for i in range(num_blocks + 1):
-                cin = c + skip_channels.pop()
-                c = model_channels * mult
-                attn = i == num_blocks and res in attn_resolutions
-                self.dec[f"{r}_block{i}"] = UNetBlock(cin, c, attention=attn, **blk)
+            c = _decoder_level(self.dec, r, level == last, c, model_channels * mult, num_blocks, blk, skip_channels,
+                               lambda i, res=res: i == num_blocks and res in attn_resolutions)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < last:
                     self.dec[f"{r}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True,
@@ -167,25 +181,16 @@ class DhariwalUNet(nn.Module):
             else:
                 self.enc[f"{r}_down"] = UNetBlock(c, c, down=True, **blk)
             skip_channels.append(c)
-            for i in range(num_blocks):
-                self.enc[f"{r}_block{i}"] = UNetBlock(c, model_channels * mult, attention=res in attn_resolutions, **blk)
-                c = model_channels * mult
-                skip_channels.append(c)
+            c = _encoder_blocks(self.enc, r, c, model_channels * mult, num_blocks, res in attn_resolutions, blk,
+                                skip_channels)
 
         self.dec = nn.ModuleDict()
         last = len(channel_mult) - 1
         for level in range(last, -1, -1):
             res, mult = img_resolution >> level, channel_mult[level]
             r = f"{res}x{res}"
-            if level == last:
-                self.dec[f"{r}_in0"] = UNetBlock(c, c, attention=True, **blk)
-                self.dec[f"{r}_in1"] = UNetBlock(c, c, **blk)
-            else:
-                self.dec[f"{r}_up"] = UNetBlock(c, c, up=True, **blk)
-            for i in range(num_blocks + 1):
-                cin = c + skip_channels.pop()
-                c = model_channels * mult
-                self.dec[f"{r}_block{i}"] = UNetBlock(cin, c, attention=res in attn_resolutions, **blk)
+            c = _decoder_level(self.dec, r, level == last, c, model_channels * mult, num_blocks, blk, skip_channels,
+                               lambda i, res=res: res in attn_resolutions)
         self.out_norm = GroupNorm(c)
         self.out_conv = Conv2d(c, out_channels, 3, **init_zero)
 
