@@ -27,6 +27,8 @@ class EDMConfig:
     rho: float = 7.0
     train_mode_dropout: bool = True
     dropout: Optional[float] = None   # override the snapshot's dropout (SiD's --dropout; null = the snapshot's)
+    precond: str = ""                 # "" = the snapshot's preconditioner; VPPrecond | VEPrecond | EDMPrecond:
+                                      # its weights under that one (SiD's sid_train.py always uses EDMPrecond)
     grid_per_class: int = 8
     classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
     fid_real_dir: str = ""            # end-of-run FID / IS ("" = skip; needs the eval extra)

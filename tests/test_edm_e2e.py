@@ -131,3 +131,22 @@ def test_import_sid_edm_command(tmp_path):
                      (["--resume", "x.pt"], "--resume"), (["--bogus", "1"], "--bogus")):
         with pytest.raises(SystemExit, match=msg):
             cli_main(["import-config", "--force", "--out", str(out), "sid-edm", *flags, *bad])
+
+
+def test_precond_override(tmp_path):
+    """edm.precond re-wraps the snapshot's backbone weights (SiD's sid_train.py builds EDMPrecond and
+    copies the snapshot's weights into it by name)."""
+    from sfd_fast.edm.build import build_parts, run_network
+    cfg = load_config(_tiny(tmp_path, precond="EDMPrecond"))
+    parts = build_parts(cfg)
+    snap = load_snapshot_from_tiny(tmp_path)
+    for den in (parts.teacher, parts.fake_score, parts.generator.denoiser):
+        assert type(den.net).__name__ == "EDMPrecond" and den.net.sigma_data == 0.5
+        assert all(torch.equal(v, snap.state_dict()[k]) for k, v in den.net.state_dict().items())
+    name, kwargs = run_network(cfg)
+    assert name == "training.networks.EDMPrecond" and "beta_d" not in kwargs and kwargs["model_channels"] == 16
+    x, s = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0])
+    with torch.no_grad():        # EDM's c_in / c_noise, not VP's: a different function of the same weights
+        assert not torch.allclose(parts.teacher.net(x, s, torch.eye(10)[:2]), snap(x, s, torch.eye(10)[:2]))
+    with pytest.raises(ConfigError, match="edm.precond"):
+        load_config(_tiny(tmp_path, precond="iDDPMPrecond"))

@@ -76,9 +76,9 @@ def build_parts(cfg) -> RunParts:
     """RunParts for the SFD trainer (teacher frozen, fake score and generator trained)."""
     e, s = cfg.edm, cfg.sfd
     path = resolve_snapshot(cfg)
-    teacher_net = load_snapshot(path, e.entry)
+    teacher_net = snapshot_network(cfg, path, e.entry)
     check_finite(teacher_net.state_dict(), f"edm.snapshot {path} (teacher)")   # NaN: every update skipped
-    gen_net = load_snapshot(path, e.generator_entry) if e.generator_entry else copy.deepcopy(teacher_net)
+    gen_net = snapshot_network(cfg, path, e.generator_entry) if e.generator_entry else copy.deepcopy(teacher_net)
     fake_net = copy.deepcopy(teacher_net)
     for net in (teacher_net, fake_net, gen_net):
         net.requires_grad_(True)          # load_snapshot hands out frozen networks; the trainer decides
@@ -103,8 +103,34 @@ def build_parts(cfg) -> RunParts:
                      "network_class": type(teacher_net).__name__})
 
 
-def run_network(cfg) -> tuple[str, dict]:
-    """(class name, kwargs) of a run's networks: from the snapshot's record (or `edm.network`)."""
+def with_precond(class_name: str, kwargs: dict, precond: str) -> tuple[str, dict]:
+    """(class, kwargs) of the same backbone under preconditioner `precond` ("" = unchanged): the
+    preconditioner-specific arguments (VP's beta_d..., EDM's sigma_data...) are dropped."""
+    if not precond or class_name.rpartition(".")[2] == precond:
+        return class_name, kwargs
+    from .precond import PRECONDITIONERS, _accepted
+    cls = PRECONDITIONERS[precond]
+    accepted = _accepted(cls, kwargs)
+    return f"training.networks.{precond}", {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def snapshot_network(cfg, path: Path, entry: str) -> torch.nn.Module:
+    """The snapshot's network for `entry`, under `edm.precond` when set (the weights are the backbone's
+    "model.*" in every preconditioner, so they carry over one to one, as SiD's copy by name does)."""
+    net = load_snapshot(path, entry)
+    if not cfg.edm.precond or type(net).__name__ == cfg.edm.precond:
+        return net
+    class_name, kwargs = with_precond(*run_network(cfg, raw=True), cfg.edm.precond)
+    other = build_network(class_name, **kwargs)
+    other.load_state_dict(net.state_dict())
+    return other.eval().requires_grad_(False)
+
+
+def run_network(cfg, raw: bool = False) -> tuple[str, dict]:
+    """(class name, kwargs) of a run's networks: from the snapshot's record (or `edm.network`), under
+    `edm.precond` unless `raw`."""
+    if not raw:
+        return with_precond(*run_network(cfg, raw=True), cfg.edm.precond)
     if cfg.edm.snapshot.startswith("random:"):
         return network_spec(cfg.edm.network)
     path = Path(cfg.edm.snapshot)

@@ -83,6 +83,8 @@ def validate(cfg, bad) -> None:
         bad("edm.sigma_min", f"({e.sigma_min}) must be below edm.sigma_max ({e.sigma_max})")
     if e.dropout is not None and not 0 <= e.dropout < 1:
         bad("edm.dropout", f"must be in [0, 1) or null (the snapshot's), got {e.dropout}")
+    if e.precond not in ("", "VPPrecond", "VEPrecond", "EDMPrecond"):
+        bad("edm.precond", f"must be '' (the snapshot's), 'VPPrecond', 'VEPrecond' or 'EDMPrecond', got {e.precond!r}")
     if e.grid_per_class < 1:
         bad("edm.grid_per_class", f"must be >= 1, got {e.grid_per_class}")
     if e.classifier and not Path(e.classifier).is_file():

@@ -62,8 +62,8 @@ def sid_flags_to_config(flag_tokens: list[str]) -> dict:
     note = (f"reference SiD sid_train.py flags {shlex.join(flag_tokens)}; precision: --fp16 {int(f['fp16'])} -> "
             f"{'bf16 autocast with fp32 master weights' if f['fp16'] else 'fp32'}; loss scaling --ls {f['ls']:g} "
             f"--lsg {f['lsg']:g} not applied (a constant factor on a loss: Adam's step is invariant to it up to "
-            f"eps); network: the snapshot's own class and arguments (SiD rebuilds it as EDMPrecond: see "
-            f"docs/edm.md); ignored (no effect on training here): {', '.join(used) or 'none'}")
+            f"eps); network: the snapshot's own class and arguments (SiD rebuilds it as EDMPrecond: set "
+            f"edm.precond to 'EDMPrecond' for that, see docs/edm.md); ignored (no effect on training here): {', '.join(used) or 'none'}")
     return {
         "_imported_from": note,
         "run": {"name": "edm_sfd", "root": f["outdir"], "seed": int(f.get("seed", 0)), "device": "auto"},

@@ -92,9 +92,8 @@ def main(argv=None) -> int:
     from ..engine import resolve_device
     device = resolve_device(a.device)
     if a.heun_steps:
-        from .build import resolve_snapshot
-        from .snapshot import load_snapshot
-        teacher = load_snapshot(resolve_snapshot(cfg), cfg.edm.entry)
+        from .build import resolve_snapshot, snapshot_network
+        teacher = snapshot_network(cfg, resolve_snapshot(cfg), cfg.edm.entry)
         sampler, desc = HeunTeacher(teacher, cfg.sfd.num_classes, a.heun_steps).to(device), \
             f"teacher {cfg.edm.snapshot} [{cfg.edm.entry}], Heun {a.heun_steps} steps"
         shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
