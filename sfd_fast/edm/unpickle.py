@@ -165,7 +165,7 @@ SAFE_GLOBALS = {
     PERSISTENCE_GLOBAL: _persistent,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "dict"): dict,
-    ("builtins", "list"): list, ("builtins", "tuple"): tuple, ("builtins", "bytearray"): bytearray,
+    ("builtins", "list"): list, ("builtins", "tuple"): tuple,
     ("builtins", "object"): object,
     ("copyreg", "_reconstructor"): reconstructor, ("_codecs", "encode"): latin1_encode,
     ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
