@@ -6,6 +6,9 @@
     sfd-fast sample --run DDPM_RUN --classes 0-9 --n-per-class N --out-dir DIR
     sfd-fast export --format reference-ddpm --run DDPM_RUN --out ckpt.pth
     sfd-fast import-config --out config.json cifar10.yml --init_ckpt ckpt.pth --label_to_forget 0
+    sfd-fast import-config --out config.json sid-edm --edm_model edm-cifar10-32x32-cond-vp.pkl --cond 1 ...
+    sfd-fast sample --run EDM_RUN --classes 0-9 --n-per-class N --out-dir DIR [--heun-steps 18]
+    sfd-fast export --format edm-safetensors|edm-snapshot --run EDM_RUN --out FILE [--template TEACHER.pkl]
     sfd-fast report RUN_DIR [--out FILE]
 
 `sfd-fast COMMAND --help` describes each. Also runnable as `python -m sfd_fast.cli COMMAND ...`.
@@ -19,9 +22,10 @@ import sys
 # so `sfd-fast train` on a digits run never imports diffusers.
 COMMANDS = {
     "train": ("sfd_fast.train:cli", "train an SFD run (a JSON config) or resume one"),
-    "sample": ("sfd_fast.families:sample_main", "samples of a run: SD prompt grids, ddpm class folders"),
-    "export": ("sfd_fast.families:export_main", "export a run: SD diffusers folder, ddpm reference checkpoint"),
-    "import-config": ("sfd_fast.ddpm.import_config:main", "a reference SFD config (DDPM YAML / SD flags) -> JSON"),
+    "sample": ("sfd_fast.families:sample_main", "samples of a run: SD prompt grids, ddpm / edm class folders"),
+    "export": ("sfd_fast.families:export_main", "export a run: SD diffusers folder, ddpm reference checkpoint, edm snapshot"),
+    "import-config": ("sfd_fast.edm.import_config:main",
+                      "a reference SFD config (DDPM YAML / SD flags / SiD EDM flags) -> JSON"),
     "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA (reference classifier), FID / IS of ddpm samples"),
     "report": ("sfd_fast.evaluation.report:main", "write a self-contained HTML report of a run (plots, grids, eval)"),
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .config_edm import EDMConfig
 from .errors import UserError
 
 
@@ -39,7 +40,7 @@ class ScheduleConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "digits"              # a family of families.py: digits | stable_diffusion | ddpm
+    kind: str = "digits"              # a family of families.py: digits | stable_diffusion | ddpm | edm
     teacher: str = "auto"             # digits: safetensors checkpoint, or "auto" = pretrain once and cache
     generator_init: str = "teacher"   # "teacher" (SFD) or a generator checkpoint ("two-stage")
     hidden: int = 384                 # digits MLP width
@@ -216,6 +217,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,6 +34,9 @@ FAMILIES: dict[str, Family] = {
     "ddpm": Family(build="sfd_fast.ddpm.build:build_parts", checks="sfd_fast.ddpm.checks:validate",
                    evaluate="sfd_fast.ddpm.evaluate:evaluate_run",
                    sample="sfd_fast.ddpm.sample:main", export="sfd_fast.ddpm.sample:export_main"),
+    "edm": Family(build="sfd_fast.edm.build:build_parts", checks="sfd_fast.edm.checks:validate",
+                  evaluate="sfd_fast.edm.evaluate:evaluate_run",
+                  sample="sfd_fast.edm.sample:main", export="sfd_fast.edm.export:main"),
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..denoisers import ClassCondDenoiser
-from ..evaluation.grid import save_image_grid
+from ..evaluation.grid import class_grid_saver
 from ..generator import OneStepGenerator
 from ..schedules import VPSchedule
 from ..conditions import ClassForgetTask, forget_targets
@@ -92,14 +92,7 @@ def build_parts(cfg) -> RunParts:
     shape = (cfg.ddpm.in_channels, cfg.ddpm.image_size, cfg.ddpm.image_size)
     per_class = cfg.ddpm.grid_per_class
 
-    def save_grid(gen: OneStepGenerator, out: Path):
-        device = next(gen.parameters()).device
-        labels = torch.arange(n, device=device).repeat_interleave(per_class)
-        g = torch.Generator(device=device).manual_seed(GRID_SEED)
-        z = torch.randn((labels.shape[0], *shape), generator=g, device=device)
-        with torch.no_grad():
-            x = gen(z, labels)
-        save_image_grid(x, n, out)
+    save_grid = class_grid_saver(n, per_class, shape, GRID_SEED)
 
     return RunParts(task, teacher, fake_score, generator, shape, save_grid,
                     {"checkpoint": str(path), "start": how})

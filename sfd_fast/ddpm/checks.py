@@ -71,7 +71,7 @@ def validate(cfg, bad) -> None:
     _validate_fid(d, bad)
 
 
-def _validate_fid(d, bad) -> None:
+def _validate_fid(d, bad, section: str = "ddpm") -> None:
     """End-of-run FID / IS: both settings or neither; given, torchmetrics must be installed (an explicit
     request never degrades), the real folder must hold images and the weight file must fit the network."""
     if not (d.fid_real_dir or d.inception_weights):
@@ -79,14 +79,16 @@ def _validate_fid(d, bad) -> None:
     from ..evaluation.fid import INSTALL_HINT, image_files, torchmetrics_available
     from ..evaluation.inception import WEIGHTS_FILE, read_inception_weights
     if not d.inception_weights:
-        bad("ddpm.inception_weights", f"is empty but ddpm.fid_real_dir is set: FID / IS need torch-fidelity's "
-            f"{WEIGHTS_FILE}; give its path, or clear ddpm.fid_real_dir to skip FID / IS")
+        bad(f"{section}.inception_weights", f"is empty but {section}.fid_real_dir is set: FID / IS need "
+            f"torch-fidelity's {WEIGHTS_FILE}; give its path, or clear {section}.fid_real_dir to skip FID / IS")
     if not d.fid_real_dir:
-        bad("ddpm.fid_real_dir", "is empty but ddpm.inception_weights is set: give a folder of real images "
-            "(e.g. the reference's save_base_dataset.py output), or clear ddpm.inception_weights to skip FID / IS")
+        bad(f"{section}.fid_real_dir", f"is empty but {section}.inception_weights is set: give a folder of real "
+            f"images (e.g. the reference's save_base_dataset.py output), or clear {section}.inception_weights to "
+            "skip FID / IS")
     if not torchmetrics_available():
-        bad("ddpm.fid_real_dir", f"asks for FID / IS, which need torchmetrics (not installed): {INSTALL_HINT}")
-    for key, check in (("ddpm.fid_real_dir", image_files), ("ddpm.inception_weights", read_inception_weights)):
+        bad(f"{section}.fid_real_dir", f"asks for FID / IS, which need torchmetrics (not installed): {INSTALL_HINT}")
+    for key, check in ((f"{section}.fid_real_dir", image_files),
+                       (f"{section}.inception_weights", read_inception_weights)):
         try:
             check(getattr(d, key.split(".")[1]), key)
         except ValueError as e:

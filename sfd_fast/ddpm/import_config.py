@@ -2,6 +2,7 @@
 
     sfd-fast import-config [--out FILE.json] [--force] DDPM_YAML [--init_ckpt P] [--label_to_forget N] [--seed S] ...
     sfd-fast import-config [--out FILE.json] [--force] sd-train [SD/train.py flags, as in SD/run_sfd.sh]
+    sfd-fast import-config [--out FILE.json] [--force] sid-edm [SiD sid_train.py flags] (sfd_fast/edm/import_config.py)
 
 The first form reads a reference DDPM YAML (SFD:DDPM/configs/*.yml) plus the SFD:DDPM/train.py
 flags; the second the SFD:SD/train.py flags (reference defaults for the ones not given, spec
@@ -297,9 +298,15 @@ USAGE = __doc__
 
 
 def convert(source: str, flag_tokens: list[str]) -> dict:
-    """Dispatch: 'sd-train' -> SD flags, else a DDPM YAML path; checks the result's keys and types."""
-    from ..config import ConfigError, Config, _build
+    """Dispatch: 'sd-train' -> SD flags, else a DDPM YAML path; checks the result's keys and types.
+    ('sid-edm' is sfd_fast/edm/import_config.py's, reached through families.import_config_main.)"""
     data = sd_flags_to_config(flag_tokens) if source == "sd-train" else ddpm_yaml_to_config(source, flag_tokens)
+    return type_checked(data, source)
+
+
+def type_checked(data: dict, source: str) -> dict:
+    """`data` after checking its keys and types against the Config (a failure here is our bug)."""
+    from ..config import ConfigError, Config, _build
     try:
         _build(Config, data, "", f"import of {source}")  # keys and types (values are checked by train)
     except ConfigError as e:  # a bug here, not the user's: say so
@@ -307,8 +314,9 @@ def convert(source: str, flag_tokens: list[str]) -> dict:
     return data
 
 
-def main(argv=None) -> int:
-    """sfd-fast import-config [--out FILE] [--force] SOURCE [reference flags...]"""
+def main(argv=None, convert_fn=None) -> int:
+    """sfd-fast import-config [--out FILE] [--force] SOURCE [reference flags...]; `convert_fn(source,
+    flags)` replaces `convert` (another family's importer sharing this command line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out, force = None, False
     while argv and argv[0] in ("--out", "--force", "-h", "--help"):
@@ -323,12 +331,12 @@ def main(argv=None) -> int:
         else:
             out = Path(argv.pop(0))
     if not argv:
-        raise SystemExit(f"error: give a reference DDPM YAML or 'sd-train' and its flags\n{USAGE}")
+        raise SystemExit(f"error: give a reference DDPM YAML, or 'sd-train' / 'sid-edm' and its flags\n{USAGE}")
     source, flags = argv[0], argv[1:]
     if out is not None and out.exists() and not force:
         raise SystemExit(f"error: {out} exists; pass --force to replace it")
     try:
-        data = convert(source, flags)
+        data = (convert_fn or convert)(source, flags)
     except ImportError_ as e:
         raise SystemExit(f"error: {e}") from None
     text = json.dumps(data, indent=1) + "\n"

@@ -36,6 +36,17 @@ def checkpoint_dir(run_dir: Path, checkpoint: str | None = None) -> Path:
         raise SystemExit(f"error: {e}") from None
 
 
+def generator_weights_file(run_dir: Path, checkpoint: str | None = None, raw: bool = False) -> tuple[Path, Path]:
+    """(checkpoint folder, its generator_ema.safetensors, or generator.safetensors when raw or no EMA)."""
+    ck = checkpoint_dir(run_dir, checkpoint)
+    f = ck / ("generator.safetensors" if raw else "generator_ema.safetensors")
+    if not f.is_file():
+        f = ck / "generator.safetensors"
+    if not f.is_file():
+        raise SystemExit(f"error: {f} does not exist; {ck} is not a complete checkpoint")
+    return ck, f
+
+
 def load_run_generator(run_dir: Path, device, checkpoint: str | None = None, raw: bool = False):
     """-> (cfg, one-step generator with the run's EMA (or raw) weights, description)."""
     from safetensors.torch import load_file
@@ -45,12 +56,7 @@ def load_run_generator(run_dir: Path, device, checkpoint: str | None = None, raw
     from .build import arch_from_config, make_schedule
     from .model import DDPMUNet
     cfg = run_config(run_dir)
-    ck = checkpoint_dir(run_dir, checkpoint)
-    f = ck / ("generator.safetensors" if raw else "generator_ema.safetensors")
-    if not f.is_file():
-        f = ck / "generator.safetensors"
-    if not f.is_file():
-        raise SystemExit(f"error: {f} does not exist; {ck} is not a complete checkpoint")
+    ck, f = generator_weights_file(run_dir, checkpoint, raw)
     net = DDPMUNet(arch_from_config(cfg))
     net.load_state_dict(load_file(str(f)))
     den = ClassCondDenoiser(net, make_schedule(cfg).to(device), cfg.sfd.num_classes)
@@ -131,10 +137,9 @@ def parse_classes(text: str, num_classes: int, option: str = "--classes") -> lis
     return out
 
 
-def main(argv=None) -> int:
-    """sfd-fast sample for ddpm runs (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="sfd-fast sample", description="One-step class samples of a ddpm run, "
-                                "named {cls:03d}_{id:05d}.png as the reference's sample.py.")
+def class_sample_parser(description: str) -> argparse.ArgumentParser:
+    """The options `sfd-fast sample` has for every class-conditional family (ddpm, edm)."""
+    p = argparse.ArgumentParser(prog="sfd-fast sample", description=description)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--classes", default="0-9", help="e.g. 0,...,9 or 1-9 or 0,2,5 (default 0-9)")
     p.add_argument("--n-per-class", type=int, required=True)
@@ -145,14 +150,27 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
     p.add_argument("--device", default="auto")
     p.add_argument("--force", action="store_true", help="write into a folder that already holds images")
-    a = p.parse_args(argv)
+    return p
+
+
+def checked_sample_args(p: argparse.ArgumentParser, a, num_classes: int) -> tuple[list[int], Path]:
+    """(classes, output folder) of parsed class_sample_parser options, or a one-line error."""
     if a.n_per_class < 1 or a.batch_size < 1:
         p.error("--n-per-class and --batch-size must be >= 1")
-    cfg = run_config(Path(a.run))
-    classes = parse_classes(a.classes, cfg.sfd.num_classes)
+    classes = parse_classes(a.classes, num_classes)
     out = Path(a.out_dir)
     if out.is_dir() and any(out.glob("*.png")) and not a.force:
         raise SystemExit(f"error: {out} already holds PNG images; pass --force or use an empty folder")
+    return classes, out
+
+
+def main(argv=None) -> int:
+    """sfd-fast sample for ddpm runs (see the module docstring)."""
+    p = class_sample_parser("One-step class samples of a ddpm run, named {cls:03d}_{id:05d}.png as the "
+                            "reference's sample.py.")
+    a = p.parse_args(argv)
+    cfg = run_config(Path(a.run))
+    classes, out = checked_sample_args(p, a, cfg.sfd.num_classes)
     from ..engine import resolve_device
     device = resolve_device(a.device)
     cfg, generator, desc = load_run_generator(Path(a.run), device, a.checkpoint, a.raw)

@@ -29,3 +29,17 @@ def save_image_grid(images: torch.Tensor, rows: int, path: Path, drange=(-1.0, 1
     img.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def class_grid_saver(num_classes: int, per_class: int, shape: tuple, seed: int):
+    """save_grid(generator, path) for class-conditional families: one row per class, `per_class`
+    one-step samples each, from noise fixed by `seed` (the same images at every snapshot)."""
+    def save_grid(gen, out: Path):
+        device = next(gen.parameters()).device
+        labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+        g = torch.Generator(device=device).manual_seed(seed)
+        z = torch.randn((labels.shape[0], *shape), generator=g, device=device)
+        with torch.no_grad():
+            x = gen(z, labels)
+        save_image_grid(x, num_classes, out)
+    return save_grid
