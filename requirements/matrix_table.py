@@ -38,8 +38,16 @@ def table(recs: list[dict]) -> str:
         key = ", ".join(f"{k} {v[k]}" for k in SHOWN if k in v)
         rows.append(f"| {r['environment']} | {r['date']} | {r['commit']} | {r['machine']} | {r['python']} | "
                     f"{v.get('torch', '-')} | {key} | {r['passed']} | {r['failed']} | {r['errors']} | "
-                    f"{r['skipped']} | {r['status']} |")
+                    f"{r['skipped']} | {_status(r)} |")
     return "\n".join(rows)
+
+
+def _status(r: dict) -> str:
+    n = len(r.get("reruns", []))
+    if not n:
+        return r["status"]
+    ok = sum(x["passed_on_rerun"] for x in r["reruns"])
+    return f"{r['status']} ({n} failed, {ok} of them passed when re-run alone: {', '.join(x['test'] for x in r['reruns'])})"
 
 
 def supported_range(recs: list[dict]) -> str:
