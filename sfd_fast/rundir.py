@@ -26,7 +26,7 @@ log = logging.getLogger("sfd_fast")
 
 # keys that change the length, cadences, evaluation or logging of a run, never its math or its draws
 RESUMABLE = ("train.total_steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-             "train.progress", "train.keep_checkpoints", "train.max_consecutive_skips",
+             "log.trackers", "train.progress", "train.keep_checkpoints", "train.max_consecutive_skips",
              "eval.enabled", "eval.samples_per_class", "eval.teacher_steps")
 HISTORY = "config_history.jsonl"
 

@@ -1,0 +1,177 @@
+"""Two "nodes" on this machine: two torchrun agents (one rank each) that meet through a c10d
+rendezvous on 127.0.0.1 and train over gloo, as `torchrun --nnodes 2 --rdzv_backend c10d` does on a
+cluster (docs/multinode.md). The DeepSpeed backend is the one that spans processes (the plain
+backend is one process by design and refuses WORLD_SIZE > 1: tests/test_deepspeed.py).
+
+  - a digits run through its evaluation: both agents exit 0, rank 0 wrote the ticks, the
+    evaluations during training and eval.json, and every loss equals the one-process run's (the
+    draws are the same by construction, engine.rng_mode 'global_slice'; tolerance as in
+    tests/test_deepspeed.py, reduction order only)
+  - node loss: node 1's agent and worker are killed (SIGKILL, the whole process group) mid-run;
+    node 0 ends within a bounded time with the peer-loss error (exit 4, what to do), not a hang;
+    `--resume` on two fresh agents then finishes the run from the last checkpoint
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sfd_fast import train
+from sfd_fast.engine.peers import PEER_LOST_EXIT
+
+from .fault_tools import subprocess_env
+from .helpers import tiny_digits_config
+
+pytestmark = [pytest.mark.slow]   # five agent launches, about a minute and a half on 2 busy cores
+pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[dist]'); the test extra has it")
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL, ATOL = 1e-4, 1e-5          # tests/test_deepspeed.py: reduction order only, measured 5e-6 rel
+NODE_LOSS_BOUND_S = 90           # node 0 must be gone this long after node 1 died (gloo sees the closed
+                                 # sockets at once; the rest is the agent's shutdown on a loaded machine)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agents(tmp: Path, argv: list[str], tag: str) -> list[subprocess.Popen]:
+    """Two torchrun agents, node ranks 0 and 1, one worker each, rendezvous c10d on loopback."""
+    port = _free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    env = subprocess_env(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", SFD_DIST_TIMEOUT_MIN="5")
+    procs = []
+    for node in (0, 1):
+        cmd = [*launcher, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"sfd-{tag}",
+               "--local_addr", "127.0.0.1", "--max_restarts", "0",
+               str(ROOT / "sfd_fast" / "train.py"), *argv]
+        log = open(tmp / f"{tag}_node{node}.log", "w")
+        procs.append(subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))   # own process group: a node can be killed whole
+    return procs
+
+
+def _wait_all(procs, tmp: Path, tag: str, timeout: float = 300) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for node, p in enumerate(procs):
+        try:
+            codes.append(p.wait(timeout=max(deadline - time.time(), 1)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            pytest.fail(f"{tag}: node {node} still running after {timeout} s:\n{_log(tmp, tag, node)}")
+    return codes
+
+
+def _log(tmp: Path, tag: str, node: int) -> str:
+    return (tmp / f"{tag}_node{node}.log").read_text()[-5000:]
+
+
+def _records(run: Path) -> tuple[dict, dict]:
+    ticks, evals = {}, {}
+    for line in (run / "stats.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        (evals if any(k.startswith("eval/") for k in r) else ticks)[r["step"]] = r
+    return ticks, evals
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multinode")
+    cfg = tiny_digits_config(tmp, train={"total_steps": 24, "batch_size": 8, "log_every": 4, "checkpoint_every": 8,
+                                         "sample_every": 12},
+                             pretrain={"classifier_epochs": 3},
+                             eval={"enabled": True, "every": 12, "during_samples_per_class": 4,
+                                   "samples_per_class": 4, "teacher_steps": 2})
+    return tmp, cfg
+
+
+@pytest.fixture(scope="module")
+def two_node_run(setup):
+    tmp, cfg = setup
+    train.main(["--config", str(cfg), "--run-dir", str(tmp / "one_process")])   # also caches the classifier
+    run = tmp / "two_nodes"
+    procs = _agents(tmp, ["--config", str(cfg), "--run-dir", str(run), "--set", "engine.backend=deepspeed"], "run")
+    codes = _wait_all(procs, tmp, "run")
+    assert codes == [0, 0], (_log(tmp, "run", 0), _log(tmp, "run", 1))
+    return tmp, run
+
+
+def test_two_nodes_train_to_the_evaluation(two_node_run):
+    tmp, run = two_node_run
+    assert "deepspeed: world 2" in (run / "log.txt").read_text()
+    ticks, evals = _records(run)
+    assert sorted(ticks) == [4, 8, 12, 16, 20, 24]
+    assert sorted(evals) == [0, 12, 24]
+    assert {"eval/ua/0", "eval/retained_accuracy", "eval/fd"} <= set(evals[24])
+    ev = json.loads((run / "eval.json").read_text())
+    assert 0 <= ev["ua"] <= 1 and ev["fd_final"] > 0
+    assert (run / "report.html").is_file()
+    starts = json.loads((run / "environment.json").read_text())["starts"]
+    assert [s["world_size"] for s in starts] == [2]
+
+
+def test_two_nodes_equal_the_one_process_run(two_node_run):
+    tmp, run = two_node_run
+    ticks, _ = _records(run)
+    ref, _ = _records(tmp / "one_process")
+    keys = [k for k in ref[4] if k.endswith(("loss/remain", "loss/forget"))]
+    assert len(keys) == 4
+    for step in ticks:
+        for k in keys:
+            assert ticks[step][k] == pytest.approx(ref[step][k], rel=RTOL, abs=ATOL), (step, k)
+
+
+def test_node_loss_ends_the_other_node_then_resume_finishes(setup):
+    tmp, cfg = setup
+    run = tmp / "node_loss"
+    # long enough that node 1 dies mid-run; checkpoints every 4 steps
+    procs = _agents(tmp, ["--config", str(cfg), "--run-dir", str(run), "--set", "engine.backend=deepspeed",
+                          "train.total_steps=100000", "train.checkpoint_every=4", "eval.every=0",
+                          "eval.enabled=false"], "loss")
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step-00000008").is_dir():
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"no checkpoint at step 8:\n{_log(tmp, 'loss', 0)}\n{_log(tmp, 'loss', 1)}")
+        time.sleep(0.2)
+    os.killpg(procs[1].pid, signal.SIGKILL)          # node 1 is lost: its agent and its worker
+    killed_at = time.time()
+    try:
+        code = procs[0].wait(timeout=NODE_LOSS_BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        pytest.fail(f"node 0 still running {NODE_LOSS_BOUND_S} s after node 1 died:\n{_log(tmp, 'loss', 0)}")
+    procs[1].wait()
+    ended_after = time.time() - killed_at
+    out = _log(tmp, "loss", 0)
+    assert code != 0 and ended_after < NODE_LOSS_BOUND_S
+    # the worker's one paragraph (engine/peers.py), and its exit status in torchrun's failure summary
+    assert "lost a peer rank" in out and f"--resume {run}" in out, out
+    assert re.search(rf"exitcode\s*:\s*{PEER_LOST_EXIT}\b", out), out
+    # resume on two fresh agents, a few steps past the newest checkpoint
+    newest = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    total = newest + 6
+    procs = _agents(tmp, ["--resume", str(run), "--set", f"train.total_steps={total}"], "resume")
+    codes = _wait_all(procs, tmp, "resume")
+    assert codes == [0, 0], (_log(tmp, "resume", 0), _log(tmp, "resume", 1))
+    ticks, _ = _records(run)
+    assert max(ticks) == total
+    assert (run / "checkpoints" / f"step-{total:08d}").is_dir()
+    assert "resumed from" in (run / "log.txt").read_text()
