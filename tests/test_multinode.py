@@ -40,6 +40,45 @@ NODE_LOSS_BOUND_S = 90           # node 0 must be gone this long after node 1 di
                                  # sockets at once; the rest is the agent's shutdown on a loaded machine)
 
 
+STARTED: list[subprocess.Popen] = []   # every agent this module started; killed with its workers at the end
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's children, grandchildren, ... from /proc (torchrun starts its workers in their own sessions,
+    so killing the agent's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL an agent and all its workers at once: the node is gone."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_stray_processes():
+    yield
+    for p in STARTED:
+        if p.poll() is None:
+            _kill_node(p)
+        p.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,8 +99,22 @@ def _agents(tmp: Path, argv: list[str], tag: str) -> list[subprocess.Popen]:
                str(ROOT / "sfd_fast" / "train.py"), *argv]
         log = open(tmp / f"{tag}_node{node}.log", "w")
         procs.append(subprocess.Popen(cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))   # own process group: a node can be killed whole
+                                      start_new_session=True))
+        STARTED.append(procs[-1])
+        if node == 0:   # node 0 hosts the rendezvous store, as the head node of a cluster job does
+            _wait_for_listener(port, procs[0], tmp, tag)
     return procs
+
+
+def _wait_for_listener(port: int, proc: subprocess.Popen, tmp: Path, tag: str, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    _kill_node(proc)
+    pytest.fail(f"{tag}: node 0's rendezvous store never listened on {port}:\n{_log(tmp, tag, 0)}")
 
 
 def _wait_all(procs, tmp: Path, tag: str, timeout: float = 300) -> list[int]:
@@ -72,7 +125,7 @@ def _wait_all(procs, tmp: Path, tag: str, timeout: float = 300) -> list[int]:
             codes.append(p.wait(timeout=max(deadline - time.time(), 1)))
         except subprocess.TimeoutExpired:
             for q in procs:
-                os.killpg(q.pid, signal.SIGKILL)
+                _kill_node(q)
             pytest.fail(f"{tag}: node {node} still running after {timeout} s:\n{_log(tmp, tag, node)}")
     return codes
 
@@ -148,15 +201,15 @@ def test_node_loss_ends_the_other_node_then_resume_finishes(setup):
         if time.time() > deadline or any(p.poll() is not None for p in procs):
             for p in procs:
                 if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
+                    _kill_node(p)
             pytest.fail(f"no checkpoint at step 8:\n{_log(tmp, 'loss', 0)}\n{_log(tmp, 'loss', 1)}")
         time.sleep(0.2)
-    os.killpg(procs[1].pid, signal.SIGKILL)          # node 1 is lost: its agent and its worker
+    _kill_node(procs[1])          # node 1 is lost: its agent and its worker
     killed_at = time.time()
     try:
         code = procs[0].wait(timeout=NODE_LOSS_BOUND_S)
     except subprocess.TimeoutExpired:
-        os.killpg(procs[0].pid, signal.SIGKILL)
+        _kill_node(procs[0])
         pytest.fail(f"node 0 still running {NODE_LOSS_BOUND_S} s after node 1 died:\n{_log(tmp, 'loss', 0)}")
     procs[1].wait()
     ended_after = time.time() - killed_at
