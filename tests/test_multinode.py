@@ -10,6 +10,7 @@ backend is one process by design and refuses WORLD_SIZE > 1: tests/test_deepspee
   - node loss: node 1's agent and worker are killed (SIGKILL, the whole process group) mid-run;
     node 0 ends within a bounded time with the peer-loss error (exit 4, what to do), not a hang;
     `--resume` on two fresh agents then finishes the run from the last checkpoint
+  - DeepSpeed's own launcher with a two-host hostfile, one launcher per node (--no_ssh --node_rank)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from sfd_fast.engine.peers import PEER_LOST_EXIT
 from .fault_tools import subprocess_env
 from .helpers import tiny_digits_config
 
-pytestmark = [pytest.mark.slow]   # five agent launches, about a minute and a half on 2 busy cores
+pytestmark = [pytest.mark.slow]   # seven launches; ~2 min on 2 busy cores once DeepSpeed's CPU comm op is built
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[dist]'); the test extra has it")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,3 +229,87 @@ def test_node_loss_ends_the_other_node_then_resume_finishes(setup):
     assert max(ticks) == total
     assert (run / "checkpoints" / f"step-{total:08d}").is_dir()
     assert "resumed from" in (run / "log.txt").read_text()
+
+
+def test_deepspeed_launcher_with_a_hostfile_on_two_nodes(two_node_run):
+    """DeepSpeed's own launcher, a two-host hostfile, one launcher per node (`--no_ssh --node_rank N`,
+    what a scheduler without passwordless ssh runs on each node); the master on loopback."""
+    tmp, _ = two_node_run
+    launcher = Path(sys.executable).with_name("deepspeed")
+    if not launcher.exists():
+        pytest.fail(f"the deepspeed launcher is not beside {sys.executable}")
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    run, port = tmp / "ds_launcher", _free_port()
+    env = subprocess_env(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", SFD_DIST_TIMEOUT_MIN="5")
+    env.pop("MASTER_PORT", None)
+    procs = []
+    for node in (0, 1):
+        log = open(tmp / f"dsl_node{node}.log", "w")
+        procs.append(subprocess.Popen(
+            [str(launcher), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "sfd_fast" / "train.py"),
+             "--config", str(tmp / "tiny.json"), "--run-dir", str(run), "--set", "engine.backend=deepspeed",
+             "train.total_steps=8", "eval.enabled=false"],
+            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        STARTED.append(procs[-1])
+    assert _wait_all(procs, tmp, "dsl") == [0, 0], (_log(tmp, "dsl", 0), _log(tmp, "dsl", 1))
+    assert "deepspeed: world 2" in (run / "log.txt").read_text()
+    ticks, _ = _records(run)
+    ref, _ = _records(tmp / "one_process")
+    assert sorted(ticks) == [4, 8]
+    for step in ticks:
+        for k in ("fake_score_loss/remain", "generator_loss/forget"):
+            assert ticks[step][k] == pytest.approx(ref[step][k], rel=RTOL, abs=ATOL), (step, k)
+
+
+FAKE_SRUN = r'''#!/usr/bin/env bash
+# stand-in for srun on one machine: `srun ... hostname --ip-address` answers 127.0.0.1; any other command
+# runs once per "node" (SLURM_NNODES), node 0 first until its rendezvous store listens, then the rest
+while [[ $# -gt 0 ]]; do case "$1" in --*=*) shift;; -w) shift 2;; *) break;; esac; done
+if [ "$1" = hostname ]; then echo 127.0.0.1; exit 0; fi
+pids=()
+for i in $(seq 0 $((SLURM_NNODES - 1))); do
+  SLURM_NODEID=$i SLURM_PROCID=$i setsid "$@" > "$FAKE_SLURM_LOGS/node$i.log" 2>&1 &
+  pids+=($!)
+  if [ "$i" = 0 ]; then
+    for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$MASTER_PORT") 2>/dev/null && break; sleep 0.2; done
+  fi
+done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+'''
+FAKE_SCONTROL = r'''#!/usr/bin/env bash
+if [ "$1 $2" = "show hostnames" ]; then printf 'node-a\nnode-b\n'; else echo "$@" >> "$FAKE_SLURM_LOGS/scontrol"; fi
+'''
+
+
+def test_slurm_script_runs_two_nodes_under_a_stand_in_srun(two_node_run):
+    """examples/slurm/sd15_multinode.sbatch itself, with srun/scontrol replaced by stand-ins that run
+    both "nodes" here: its rendezvous address, world arithmetic and arguments start a 2-node DeepSpeed
+    ZeRO-2 run (the digits config instead of SD1.5, one GPU-less rank per node), which finishes."""
+    tmp, _ = two_node_run
+    fake = tmp / "fake_slurm"
+    (fake / "bin").mkdir(parents=True, exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / "bin" / name).write_text(text)
+        (fake / "bin" / name).chmod(0o755)
+    run = tmp / "slurm_run"
+    env = subprocess_env(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", PATH=f"{fake / 'bin'}:{os.environ['PATH']}",
+                         FAKE_SLURM_LOGS=str(fake), SLURM_NNODES="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node-[a-b]",
+                         MASTER_PORT=str(_free_port()), LOCAL_ADDR="127.0.0.1", SD15="/nonexistent/sd15",
+                         CONFIG=str(tmp / "tiny.json"), GPUS_PER_NODE="1", ROWS_PER_GPU="4", RUN_DIR=str(run),
+                         PYTHON=sys.executable, EXTRA_SET="train.total_steps=8 eval.enabled=false")
+    proc = subprocess.Popen(["bash", str(ROOT / "examples" / "slurm" / "sd15_multinode.sbatch")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    STARTED.append(proc)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill_node(proc)
+        pytest.fail("the SLURM script did not finish in 300 s")
+    logs = "\n".join((fake / f"node{i}.log").read_text()[-3000:] for i in (0, 1) if (fake / f"node{i}.log").exists())
+    assert proc.returncode == 0, out + logs
+    assert "2 nodes x 1 GPUs, global batch 8, rendezvous 127.0.0.1:" in out
+    assert "deepspeed: world 2, ZeRO-2" in (run / "log.txt").read_text()
+    assert sorted(_records(run)[0]) == [4, 8]
+    assert not (fake / "scontrol").exists()          # a finished run is not requeued
