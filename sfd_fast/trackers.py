@@ -112,7 +112,7 @@ class TensorBoardTracker:
         self.writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -142,8 +142,8 @@ class WandbTracker:
     def image(self, tag: str, path: Path, step: int) -> None:
         self.run.log({tag: self.wandb.Image(str(path))}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)   # W&B marks a run that ended in an error as failed
 
 
 class Trackers:
@@ -166,13 +166,13 @@ class Trackers:
         """eval.json's numbers as final/<key> (nested keys joined by '/')."""
         if not Path(eval_json).is_file():
             return
-        flat = _flatten(json.loads(Path(eval_json).read_text()))
+        flat = flatten(json.loads(Path(eval_json).read_text()))
         self.scalars({"step": step, **{f"final/{k}": v for k, v in flat.items()}})
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         sinks, self.sinks = self.sinks, []
         for s in sinks:
-            s.close()
+            s.close(failed)
 
 
 def open_trackers(log_cfg: LogConfig, run_dir: Path, start_step: int, config: dict, rank0: bool) -> Trackers:
@@ -194,11 +194,12 @@ def open_trackers(log_cfg: LogConfig, run_dir: Path, start_step: int, config: di
     return trackers
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts -> one level, keys joined by "/" (eval.json, configs)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(flatten(v, f"{prefix}{k}/"))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -241,8 +241,10 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
     trainer.trackers = open_trackers(cfg.log, run_dir, trainer.step, cfg.to_dict(), rank0)
     try:
         result = _train_and_evaluate(cfg, trainer, run_dir, device, rank0)
-    finally:
-        trainer.trackers.close()
+    except BaseException:
+        trainer.trackers.close(failed=True)
+        raise
+    trainer.trackers.close()
     return result
 
 

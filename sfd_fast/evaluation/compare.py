@@ -21,8 +21,8 @@ from pathlib import Path
 
 from ..checkpoint import atomic_write_text
 from ..environment import read_environment
-from .report import (MISSING_MATPLOTLIB, NETWORKS, STYLE, _figure_tag, _flatten, _pyplot, _series, read_stats,
-                     write_report)
+from ..trackers import flatten
+from .report import MISSING_MATPLOTLIB, NETWORKS, STYLE, _figure_tag, _pyplot, _series, read_stats, write_report
 
 MISSING = object()   # a key one run does not have
 COMPARE_STYLE = STYLE + " tr.diff td{background:#fff3b0} td.missing{color:#999}"
@@ -87,7 +87,7 @@ def _cell(v) -> str:
 
 def side_by_side(dicts: list[dict], labels: list[str], diff_first: bool) -> str:
     """One row per flattened key, one column per run; rows whose values differ get class "diff"."""
-    flats = [dict(_flatten(d)) for d in dicts]
+    flats = [flatten(d) for d in dicts]
     keys = list(dict.fromkeys(k for f in flats for k in f))
     rows = []
     for k in keys:

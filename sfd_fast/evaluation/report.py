@@ -29,6 +29,7 @@ import math
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
+from ..trackers import flatten
 from .report_context import environment_section, plan_section
 
 NETWORKS = ("fake_score_loss", "generator_loss")
@@ -144,16 +145,6 @@ def _sample_section(run_dir: Path) -> str:
     return '<div class="grids">' + "".join(cells) + "</div>"
 
 
-def _flatten(d, prefix: str = "") -> list[tuple[str, object]]:
-    rows = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            rows += _flatten(v, f"{prefix}{k}/")
-        else:
-            rows.append((f"{prefix}{k}", v))
-    return rows
-
-
 def _final_eval_section(run_dir: Path) -> str:
     path = run_dir / "eval.json"
     if not path.is_file():
@@ -164,7 +155,7 @@ def _final_eval_section(run_dir: Path) -> str:
         return f"<p>eval.json is not valid JSON: {html.escape(str(e))}</p>"
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list) else str(v)
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(fmt(v))}</td></tr>" for k, v in _flatten(data))
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(fmt(v))}</td></tr>" for k, v in flatten(data).items())
     return f"<table><tr><th>metric</th><th>value</th></tr>{body}</table>"
 
 
