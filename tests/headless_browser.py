@@ -138,3 +138,36 @@ def open_page(binary: str, page: Path, probe_js: str, width: int = 1400) -> dict
                 "screenshot": base64.b64decode(shot["data"])}
     finally:
         b.close()
+
+
+IMAGES_PROBE = "[...document.images].map(i => i.naturalWidth)"
+
+
+def main(argv=None) -> None:
+    """`python -m tests.headless_browser PAGE.html OUT.png [--max-height PX]`: render a report in
+    headless Chromium, refuse a page with a console error or an undecoded image, and save the
+    screenshot (cropped to its top PX pixels); how docs/assets/report_digits_chromium.png is made."""
+    import argparse
+    import io
+
+    from PIL import Image
+    p = argparse.ArgumentParser(prog="python -m tests.headless_browser")
+    p.add_argument("page")
+    p.add_argument("out")
+    p.add_argument("--max-height", type=int, default=0)
+    args = p.parse_args(argv)
+    binary = find_chromium()
+    if binary is None:
+        raise SystemExit("no chromium on PATH (apt-get install -y chromium)")
+    page = open_page(binary, Path(args.page), IMAGES_PROBE)
+    if page["errors"] or not page["probe"] or min(page["probe"]) <= 0:
+        raise SystemExit(f"the page failed: console errors {page['errors']}, image widths {page['probe']}")
+    shot = Image.open(io.BytesIO(page["screenshot"]))
+    if args.max_height and shot.height > args.max_height:
+        shot = shot.crop((0, 0, shot.width, args.max_height))
+    shot.save(args.out, optimize=True)
+    print(f"{args.out}: {shot.width}x{shot.height}, {len(page['probe'])} images decoded, no console error")
+
+
+if __name__ == "__main__":
+    main()
