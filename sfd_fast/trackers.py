@@ -194,12 +194,12 @@ def open_trackers(log_cfg: LogConfig, run_dir: Path, start_step: int, config: di
     return trackers
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested dicts -> one level, keys joined by "/" (eval.json, configs)."""
+def flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
+    """Nested dicts -> one level, keys joined by `sep` (eval.json, configs)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
+            out.update(flatten(v, f"{prefix}{k}{sep}", sep))
         else:
             out[f"{prefix}{k}"] = v
     return out
