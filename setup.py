@@ -21,8 +21,11 @@ setup(
         # FID / Inception Score of ddpm runs (sfd_fast/evaluation/fid.py): torchmetrics' metrics on our own
         # Inception port, so neither torch-fidelity nor torchvision (whose wheels pin a CUDA torch) is needed
         "eval": ["torchmetrics>=1.9.0"],
+        # experiment trackers (log.trackers, sfd_fast/trackers.py)
+        "tensorboard": ["tensorboard>=2.21.0"],
+        "wandb": ["wandb>=0.31.0"],
         "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "triton>=3.1", "deepspeed>=0.19.8", "bitsandbytes>=0.50.2",
-                 "torchmetrics>=1.9.0"],
+                 "torchmetrics>=1.9.0", "tensorboard>=2.21.0", "wandb>=0.31.0"],
     },
     entry_points={"console_scripts": ["sfd-fast=sfd_fast.cli:main"]},
 )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 KEYS = ["torch", "transformers", "diffusers", "huggingface-hub", "kernels", "safetensors", "numpy", "scipy",
         "scikit-learn", "tqdm", "pillow", "pyyaml", "matplotlib", "triton", "deepspeed", "bitsandbytes",
-        "torchmetrics", "pytest", "pytest-benchmark"]
+        "torchmetrics", "tensorboard", "wandb", "pytest", "pytest-benchmark"]
 
 
 def canonical(name: str) -> str:

@@ -10,6 +10,7 @@
     sfd-fast sample --run EDM_RUN --classes 0-9 --n-per-class N --out-dir DIR [--heun-steps 18]
     sfd-fast export --format edm-safetensors|edm-snapshot --run EDM_RUN --out FILE [--template TEACHER.pkl]
     sfd-fast report RUN_DIR [--out FILE]
+    sfd-fast report RUN_A RUN_B ... [--out compare.html]
 
 `sfd-fast COMMAND --help` describes each. Also runnable as `python -m sfd_fast.cli COMMAND ...`.
 """
@@ -27,7 +28,7 @@ COMMANDS = {
     "import-config": ("sfd_fast.edm.import_config:main",
                       "a reference SFD config (DDPM YAML / SD flags / SiD EDM flags) -> JSON"),
     "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA (reference classifier), FID / IS of ddpm samples"),
-    "report": ("sfd_fast.evaluation.report:main", "write a self-contained HTML report of a run (plots, grids, eval)"),
+    "report": ("sfd_fast.evaluation.compare:main", "self-contained HTML report of a run, or comparing several runs"),
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from .config_edm import EDMConfig
 from .errors import UserError
+from .trackers import LogConfig, validate_trackers
 
 
 class ConfigError(UserError, ValueError):
@@ -218,6 +219,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
+    log: LogConfig = field(default_factory=LogConfig)   # experiment trackers (trackers.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -374,6 +376,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("train.ema.halflife_kimg", "must be >= 0")
     from .domains import validate_engine
     validate_engine(cfg, bad)
+    validate_trackers(cfg.log, bad)
     from .families import family_checks
     family_checks(cfg.model.kind)(cfg, bad)   # the family's own checks (digits/checks.py, sd/checks.py)
     ev = cfg.eval

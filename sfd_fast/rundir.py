@@ -21,12 +21,13 @@ from pathlib import Path
 from .checkpoint import atomic_write_text, checkpoint_folders
 from .config import Config, ConfigError, load_config, read_run_config
 from .errors import UserError
+from .trackers import flatten
 
 log = logging.getLogger("sfd_fast")
 
 # keys that change the length, cadences, evaluation or logging of a run, never its math or its draws
 RESUMABLE = ("train.total_steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-             "train.progress", "train.keep_checkpoints", "train.max_consecutive_skips",
+             "log.trackers", "train.progress", "train.keep_checkpoints", "train.max_consecutive_skips",
              "eval.enabled", "eval.samples_per_class", "eval.teacher_steps")
 HISTORY = "config_history.jsonl"
 
@@ -89,16 +90,6 @@ def check_run_dir_usable(run_dir: Path) -> None:
                         "--run-dir (or run.root) or fix its permissions")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict]:
     """The stored config with `--set` overrides applied, and {key: [old, new]} of what changed.
     A change to a key outside RESUMABLE, or a run with no checkpoint yet, is refused before anything is written."""
@@ -108,7 +99,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict]:
         raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
     stored = read_run_config(run_dir)
     cfg = load_config(cfg_path, overrides)
-    old, new = _flat(stored.to_dict()), _flat(cfg.to_dict())
+    old, new = flatten(stored.to_dict(), sep="."), flatten(cfg.to_dict(), sep=".")
     changes = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
     refused = [k for k in changes if k not in RESUMABLE]
     if refused:

@@ -108,6 +108,8 @@ def load_run_config(args):
         preflight(cfg)  # explicit requests (deepspeed, adam8bit, xformers, world/batch) fail here
     except RuntimeError as e:
         raise UserError(str(e)) from None
+    from sfd_fast.trackers import check_installed
+    check_installed(cfg.log.trackers)   # log.trackers asks for a package that is missing: stop here
     return cfg, run_dir, changes
 
 
@@ -213,14 +215,13 @@ def open_run_dir(run_dir: Path, held: list = ()):
 def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -> dict:
     """Train under the lock: a new run writes config.json (train.micro_batch "auto" resolved to the
     chosen int, so a resume reuses it); a resume loads the newest usable checkpoint, drops stats
-    past it and records its config changes. Then the family's evaluation (rank 0)."""
-    import torch
-
+    past it and records its config changes; environment.json gets this start; the trackers open.
+    Then training and the family's evaluation (rank 0)."""
     from sfd_fast.checkpoint import atomic_write_text
+    from sfd_fast.environment import record_environment
     from sfd_fast.errors import UserError
-    from sfd_fast.families import family, resolve
     from sfd_fast.rundir import record_resume, trim_stats
-    parts = trainer.parts
+    from sfd_fast.trackers import open_trackers
     if not args.resume and rank0:
         trim_stats(run_dir, 0)   # a run that died before its first checkpoint left stats behind
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
@@ -234,6 +235,24 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
             record_resume(run_dir, cfg, changes, trainer.step)
     log.info("run dir %s: %d steps, batch %d remain + %d forget per step", run_dir, cfg.train.total_steps,
              cfg.train.batch_size, cfg.train.batch_size)
+    if rank0:
+        record_environment(run_dir, device, trainer.backend.world, trainer.step)
+    # TensorBoard / W&B (log.trackers): a resume continues the same TensorBoard folder and W&B run id
+    trainer.trackers = open_trackers(cfg.log, run_dir, trainer.step, cfg.to_dict(), rank0)
+    try:
+        result = _train_and_evaluate(cfg, trainer, run_dir, device, rank0)
+    except BaseException:
+        trainer.trackers.close(failed=True)
+        raise
+    trainer.trackers.close()
+    return result
+
+
+def _train_and_evaluate(cfg, trainer, run_dir: Path, device, rank0: bool) -> dict:
+    import torch
+
+    from sfd_fast.errors import UserError
+    from sfd_fast.families import family, resolve
     trainer.guard.install_signals()
     try:
         trainer.train()
@@ -241,12 +260,18 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
         raise UserError(f"out of memory on {device} at step {trainer.step + 1} with a micro-batch of "
                         f"{cfg.train.batch_size // cfg.train.grad_accum} rows; raise train.grad_accum or lower "
                         f"train.batch_size, then --resume {run_dir}") from None
+    except Exception as e:   # a multi-node run whose peer died: one paragraph and exit 4 (engine/peers.py)
+        from sfd_fast.engine.peers import is_peer_loss, peer_loss_error
+        if is_peer_loss(e):
+            raise peer_loss_error(e, trainer.step, run_dir) from None
+        raise
     finally:
         trainer.guard.restore_signals()
     result = {"run_dir": str(run_dir)}
     fam = family(cfg.model.kind)
     if fam.evaluate and cfg.eval.enabled and rank0:
-        result.update(resolve(fam.evaluate)(cfg, parts, trainer, run_dir))
+        result.update(resolve(fam.evaluate)(cfg, trainer.parts, trainer, run_dir))
+        trainer.trackers.final_eval(run_dir / "eval.json", trainer.step)
     if cfg.eval.report and rank0:
         from sfd_fast.evaluation.report import write_report
         result["report"] = str(write_report(run_dir))

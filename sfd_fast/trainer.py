@@ -38,6 +38,7 @@ from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
 from .guard import RunGuard
 from .step import NUM_STATS, tick_losses
+from .trackers import Trackers
 
 log = logging.getLogger("sfd_fast")
 
@@ -95,6 +96,8 @@ class SFDTrainer:
         self.backend = make_backend(self)
         # 6. stop cleanly on SIGTERM/SIGINT and when every update is skipped (guard.py)
         self.guard = RunGuard(self)
+        # 7. experiment trackers (trackers.py): train.py opens them on rank 0 once the run dir exists
+        self.trackers = Trackers()
 
     def attach_run_dir(self, run_dir: Path) -> None:
         """Where this trainer writes, set once the run directory is open and locked: train.py builds
@@ -188,12 +191,14 @@ class SFDTrainer:
             "sec_per_kimg": dt / max(steps_in_tick * batch / 1000, 1e-9),
             **tick_losses(st, self.target_names),    # {net}_loss/remain, /forget[, /forget/<target>]
             "skipped_updates/fake_score": skipped[0], "skipped_updates/generator": skipped[1],
+            "lr/fake_score": self.cfg.optim.fake_score.lr, "lr/generator": self.cfg.optim.generator.lr,
             **peak_memory(self.device),     # peaks since the last tick (reset below on CUDA)
             **gpu_telemetry(self.device),   # {} without a GPU
         }
         self.stats.zero_()
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        self.trackers.scalars(rec)   # the same numbers, already on the host
         mem = f"mem {rec['peak_mem_bytes'] / 2**20:.0f} MiB"
         if "peak_mem_reserved_bytes" in rec:
             mem += f" (reserved {rec['peak_mem_reserved_bytes'] / 2**20:.0f} MiB)"
@@ -216,6 +221,7 @@ class SFDTrainer:
             # grids run the nets at other batch sizes: eagerly, so the compiled graphs see no new shape
             with torch.compiler.set_stance("force_eager"):
                 self.parts.save_grid(gen, self.run_dir / "samples" / name)
+            self.trackers.image("samples", self.run_dir / "samples" / name, self.step)
 
     def evaluate_during(self) -> dict:
         """The family's evaluation on its fixed sample set (parts.evaluate_during), as a stats.jsonl
@@ -231,6 +237,7 @@ class SFDTrainer:
                **{f"eval/{k}": v for k, v in metrics.items()}}
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        self.trackers.scalars(rec)
         log.info("eval at step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return rec
 

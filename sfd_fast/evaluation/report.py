@@ -7,7 +7,11 @@ Sections (each an element with a fixed id, so tests and readers can find them):
   evaluation   the evaluation-during-training curves ("eval/..." records of stats.jsonl)
   samples      the sample grids over time: the first, up to three in between, the last, the final grid
   final-eval   eval.json as a table
+  plan         the acceleration plan (plan.json, else the config's engine section)
+  environment  torch, CUDA, device, world size, commit (environment.json; report_context.py)
   config       the resolved config.json
+
+`sfd-fast report RUN_A RUN_B ...` (several runs) writes the comparison page instead (compare.py).
 
 Family-agnostic: it reads only the files every run writes (config.json, stats.jsonl, samples/*.png,
 eval.json), from either backend. A run that was resumed logs some steps twice: the last record of a
@@ -17,7 +21,6 @@ matplotlib (the `report` extra); without it the page says so in place of each pl
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -26,6 +29,8 @@ import math
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
+from ..trackers import flatten
+from .report_context import environment_section, plan_section
 
 NETWORKS = ("fake_score_loss", "generator_loss")
 MISSING_MATPLOTLIB = ("matplotlib is not installed, so this report has no plots; install it with "
@@ -140,16 +145,6 @@ def _sample_section(run_dir: Path) -> str:
     return '<div class="grids">' + "".join(cells) + "</div>"
 
 
-def _flatten(d, prefix: str = "") -> list[tuple[str, object]]:
-    rows = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            rows += _flatten(v, f"{prefix}{k}/")
-        else:
-            rows.append((f"{prefix}{k}", v))
-    return rows
-
-
 def _final_eval_section(run_dir: Path) -> str:
     path = run_dir / "eval.json"
     if not path.is_file():
@@ -160,7 +155,7 @@ def _final_eval_section(run_dir: Path) -> str:
         return f"<p>eval.json is not valid JSON: {html.escape(str(e))}</p>"
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list) else str(v)
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(fmt(v))}</td></tr>" for k, v in _flatten(data))
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(fmt(v))}</td></tr>" for k, v in flatten(data).items())
     return f"<table><tr><th>metric</th><th>value</th></tr>{body}</table>"
 
 
@@ -176,9 +171,10 @@ def render_report(run_dir: Path) -> str:
     cfg_path = run_dir / "config.json"
     cfg_text = cfg_path.read_text() if cfg_path.is_file() else "{}"
     try:
-        name = json.loads(cfg_text).get("run", {}).get("name", run_dir.name)
-    except json.JSONDecodeError:
-        name = run_dir.name
+        config = json.loads(cfg_text)
+        name = config.get("run", {}).get("name", run_dir.name)
+    except (json.JSONDecodeError, AttributeError):
+        config, name = {}, run_dir.name
     ticks, evals = read_stats(run_dir)
     plt = _pyplot()
     if plt is None:
@@ -194,6 +190,8 @@ def render_report(run_dir: Path) -> str:
                 ("evaluation", "Evaluation during training", curves),
                 ("samples", "Sample grids over time", _sample_section(run_dir)),
                 ("final-eval", "Final evaluation (eval.json)", _final_eval_section(run_dir)),
+                ("plan", "Acceleration plan", plan_section(run_dir, config)),
+                ("environment", "Environment", environment_section(run_dir)),
                 ("config", "Resolved config (config.json)", f"<pre>{html.escape(cfg_text)}</pre>")]
     body = "".join(f'<section id="{sid}"><h2>{title}</h2>{content}</section>' for sid, title, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sfd-fast report: {html.escape(name)}</title>"
@@ -209,18 +207,3 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     out = Path(out) if out else run_dir / "report.html"
     atomic_write_text(out, render_report(run_dir))
     return out
-
-
-def main(argv=None) -> None:
-    """`sfd-fast report RUN_DIR [--out FILE]`."""
-    p = argparse.ArgumentParser(prog="sfd-fast report", description="write a self-contained HTML report of a run")
-    p.add_argument("run_dir", help="a run directory (config.json, stats.jsonl, samples/, eval.json)")
-    p.add_argument("--out", help="output file (default RUN_DIR/report.html)")
-    args = p.parse_args(argv)
-    try:
-        out = write_report(Path(args.run_dir), args.out)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
-    if _pyplot() is None:
-        print(f"warning: {MISSING_MATPLOTLIB}")
-    print(out)
