@@ -10,6 +10,12 @@ equals coef_r * L_remain + coef_f * L_forget of the reference's separate passes.
 
 Nothing here syncs with the host: non-finite rows are masked with torch.where, and the per-branch
 statistics stay on the device until the trainer's log tick.
+
+A non-finite row of the generator phase contributes exactly zero gradient (`zero_rows_of_grad`), so
+the other rows update as if it had been dropped with the reference's normalisation (the same
+`denom`). The loss mask alone does not do it: the masked row's zero gradient meets its NaN omega
+and NaN teacher / fake-score activations on the way back (0 / NaN = NaN) and would reach the
+generator's output, poisoning every weight gradient and so skipping the whole update.
 """
 from __future__ import annotations
 
@@ -84,6 +90,22 @@ def tick_losses(stats: list, target_names: list[str]) -> dict:
     return out
 
 
+def zero_rows_of_grad(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """In the backward, replace the gradient arriving at `x` (rows first) by exact zeros on the rows
+    where `keep` is False, before it goes further back (into the generator).
+
+    `keep` is only known after the forward (the loss decides it), hence a gradient hook rather than
+    a forward-time select; torch.where (not a multiply) because 0 * NaN = NaN. Rows are independent
+    in every backbone here (per-sample norms, no BatchNorm), so a dropped row's NaNs cannot reach the
+    other rows downstream of `x`. What this cannot clean: a row whose own generator forward is
+    non-finite (NaN z, overflow inside G) puts 0 * NaN into G's weight gradients; the optimizer then
+    skips the whole update (engine/optim.py), as before."""
+    if not x.requires_grad:
+        return
+    mask = keep.reshape(-1, *([1] * (x.dim() - 1)))
+    x.register_hook(lambda grad: torch.where(mask, grad, torch.zeros_like(grad)))
+
+
 def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule: VPSchedule,
                      draws: PhaseDraws, guidance: float, denom: float, n_targets: int = 1):
     """Denoising score matching of the fake score on stop-gradient generator samples, epsilon-weighted
@@ -119,5 +141,6 @@ def generator_phase(generator: OneStepGenerator, fake_score_view, teacher: Denoi
     y_fake = fake_score_view.x0(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance_fake)
     y_real = teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, guidance_real)
     per_row = loss_fn(x_g, y_real, y_fake, alpha)
-    loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
+    loss, finite = masked_weighted_sum(per_row, draws.coef, denom)
+    zero_rows_of_grad(x_g, finite)     # a non-finite row: exactly zero gradient into G
     return loss, phase_stats(per_row, c, n_targets)
