@@ -144,13 +144,36 @@ def compile_phases(fake_score_phase, generator_phase, engine_cfg, backend: str |
     return torch.compile(fake_score_phase, **kwargs), torch.compile(generator_phase, **kwargs)
 
 
+# cuBLAS picks a reduction split per call unless its workspace is fixed; this value is the one the
+# CUDA and torch docs give for reproducible GEMMs (":16:8" uses less memory and is slower)
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_determinism(engine_cfg) -> dict:
+    """engine.deterministic: the settings under which a CUDA run repeats bit for bit (and so a
+    resumed run continues bit for bit): cudnn.benchmark off (autotuning may pick another kernel in
+    another process), cudnn.deterministic, torch.use_deterministic_algorithms (warn_only: an op that
+    has no deterministic CUDA implementation logs a warning naming itself instead of stopping the
+    run) and CUBLAS_WORKSPACE_CONFIG (set before the first cuBLAS call: preflight and accelerate()
+    both call this). Cost: the convolutions lose autotuning and some ops (scatter/index_add
+    backward) take slower deterministic paths. On CPU every op used here is deterministic already."""
+    if not getattr(engine_cfg, "deterministic", False):
+        return {}
+    import os
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return {"deterministic": True, "cublas_workspace": os.environ["CUBLAS_WORKSPACE_CONFIG"]}
+
+
 def set_device_flags(nets: list, engine_cfg, device: torch.device) -> dict:
     """cudnn.benchmark on CUDA (the UNet's convolutions run at fixed shapes: autotuned once, as the
-    reference's training loop does); channels_last on the UNets when engine.channels_last (off by
-    default: unmeasured on a GPU, and a CPU timing of the tiny UNet says nothing about GPU
-    convolution layouts; docs/performance.md)."""
-    done = {}
-    if device.type == "cuda":
+    reference's training loop does) unless engine.deterministic; channels_last on the UNets when
+    engine.channels_last (off by default: unmeasured on a GPU, and a CPU timing of the tiny UNet
+    says nothing about GPU convolution layouts; docs/performance.md)."""
+    done = set_determinism(engine_cfg)
+    if device.type == "cuda" and not done:
         torch.backends.cudnn.benchmark = True
         done["cudnn_benchmark"] = True
     if getattr(engine_cfg, "channels_last", False):
@@ -177,6 +200,7 @@ def check_xformers(device: torch.device | None = None):
 def preflight(cfg, device: torch.device | None = None):
     """Every 'explicit request' of the engine section, checked before any model is built."""
     e = cfg.engine
+    set_determinism(e)     # before anything can create a cuBLAS handle
     if e.backend == "deepspeed":
         from .distributed import validate_world, world_size_from_env
         validate_world(cfg, world_size_from_env())
