@@ -177,7 +177,7 @@ def load_newest_usable(backend, run_dir: Path) -> tuple[dict, Path]:
     """Load the newest checkpoint that verifies (manifest) and loads (backend.load); newer ones that do
     not are logged with the reason. Under DeepSpeed every rank must agree that a load worked, so the
     outcome is all-reduced before the next candidate is tried. None usable: a UserError listing why."""
-    from .checkpoint import NoCheckpointError, checkpoint_status
+    from .checkpoint import NoCheckpointError, checkpoint_status, one_line
     skipped = []
     for path in checkpoint_folders(run_dir):
         reason = checkpoint_status(path)
@@ -186,7 +186,7 @@ def load_newest_usable(backend, run_dir: Path) -> tuple[dict, Path]:
             try:
                 state = backend.load(path)
             except Exception as e:   # any failure to read a checkpoint: try the previous one
-                reason = f"does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                reason = f"does not load ({type(e).__name__}: {one_line(e)})"   # names file + tensor
         if _all_ranks_ok(reason is None, backend):
             for name, why in skipped:
                 log.warning("resume: skipped newer checkpoint %s: %s", name, why)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import (atomic_write_text, check_finite, crash_point, publish_checkpoint_dir,
+from ..checkpoint import (atomic_write_text, check_finite, crash_point, publish_checkpoint_dir, read_tensors,
                           save_safetensors_atomic)
 from ..conditions import PhaseConditions
 from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
@@ -328,7 +328,6 @@ class DeepSpeedBackend:
         return final
 
     def load(self, ckpt: Path) -> dict:
-        from safetensors.torch import load_file
         t = self.trainer
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if state.get("backend") != "deepspeed":
@@ -340,12 +339,12 @@ class DeepSpeedBackend:
         for role in ("generator", "fake_score", "generator_ema"):   # the exports mirror the engines' weights
             f = ckpt / f"{role}.safetensors"
             if f.is_file():
-                check_finite(load_file(str(f)), f"checkpoint {f}")
+                check_finite(read_tensors(f), f"checkpoint {f}")
         self.engine_G.load_checkpoint(str(ckpt / "ds_generator"), tag="state")
         self.engine_F.load_checkpoint(str(ckpt / "ds_fake_score"), tag="state")
         if t.ema_enabled:
-            self._load_full_into(t.generator_ema.net, load_file(str(ckpt / "generator_ema.safetensors")))
-        rng = load_file(str(ckpt / "rng.safetensors"))
+            self._load_full_into(t.generator_ema.net, read_tensors(ckpt / "generator_ema.safetensors"))
+        rng = read_tensors(ckpt / "rng.safetensors")
         t.rng.set_state(rng[f"rng_rank{self.rank}"] if self.rng_mode == "per_rank" else rng["rng"])
         if f"task_rng_rank{self.rank}" in rng and hasattr(t.parts.task, "set_rng_state"):
             t.parts.task.set_rng_state(rng[f"task_rng_rank{self.rank}"])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint, optimizer_from_flat, save_checkpoint
+from ..checkpoint import load_checkpoint, load_weights_into, optimizer_from_flat, save_checkpoint
 from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
 from .optim import make_optimizer, nonfinite_flag
@@ -116,10 +116,10 @@ class PlainBackend:
         if ck["state"].get("backend", "plain") != "plain":
             raise RuntimeError(f"{ckpt} was written by the {ck['state']['backend']} backend; resume it with "
                                f"engine.backend={ck['state']['backend']!r}")
-        t.generator.net.load_state_dict(ck["weights"]["generator"])
-        t.fake_score.net.load_state_dict(ck["weights"]["fake_score"])
-        if t.ema_enabled:
-            t.generator_ema.net.load_state_dict(ck["weights"]["generator_ema"])
+        for role, module in (("generator", t.generator), ("fake_score", t.fake_score),
+                             ("generator_ema", t.generator_ema if t.ema_enabled else None)):
+            if module is not None:
+                load_weights_into(module.net, ck["weights"][role], ckpt / f"{role}.safetensors")
         meta = ck["state"]["optimizers"]
         for role in ROLES:
             optimizer_from_flat(self.optimizers[role], ck["optim"][role], meta[role])
