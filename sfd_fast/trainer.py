@@ -173,13 +173,18 @@ class SFDTrainer:
 
     # ------------------------------------------------------------------ the loop
     def _tick(self, t0: float, steps_in_tick: int, bar) -> dict:
-        """Host sync happens here, once per tick."""
+        """The one host read of a tick window: statistics, skip counters and the guard's run lengths in
+        one transfer (every rank, so each rank's guard decides on the same numbers)."""
         self.backend.reduce_stats(self.stats)
+        n_stats = self.stats.numel()
+        host = torch.cat([self.stats.flatten(), self.skipped, self.guard.consecutive]).tolist()
+        self.guard.note_tick(host[n_stats + 2:])
         if not self.backend.is_rank0:
             self.stats.zero_()
             return {}
-        st = self.stats.tolist()
-        skipped = self.skipped.tolist()
+        nets, groups, k = self.stats.shape
+        st = [[host[(i * groups + j) * k:(i * groups + j + 1) * k] for j in range(groups)] for i in range(nets)]
+        skipped = host[n_stats:n_stats + 2]
         dt = max(time.time() - t0, 1e-9)
         batch = self.cfg.train.batch_size
         rec = {
