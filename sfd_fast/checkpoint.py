@@ -187,6 +187,13 @@ def atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
+def atomic_write_json(path: Path, data, indent: int | None = 1) -> Path:
+    """The one atomic JSON writer: `data` as JSON (UTF-8, a final newline) through atomic_write_text."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+    return path
+
+
 def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None):
     """One file, atomically: write a temp file beside it, fsync, rename."""
     path = Path(path)

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, checkpoint_folders
+from .checkpoint import atomic_write_json, atomic_write_text, checkpoint_folders
 from .config import Config, ConfigError, load_config, read_run_config
 from .errors import UserError
 
@@ -129,7 +129,7 @@ def record_resume(run_dir: Path, cfg: Config, changes: dict, step: int) -> None:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_at_step": step,
                             "changes": changes}) + "\n")
     if changes:
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
 
 
 def resolve_paths(cfg: Config) -> None:

@@ -37,6 +37,31 @@ NUM_STATS = 3
 
 
 @dataclass
+class PhaseContext:
+    """Everything both phases need besides their draws, built once per trainer (and per probe):
+    the networks as the backend calls them, the schedule and the loss settings."""
+    generator: object                 # OneStepGenerator, or its DeepSpeed engine
+    fake_score: object                # the fake score in its own update (`.output` is trained)
+    fake_score_view: object           # the fake score inside the generator loss (FrozenFakeScore.view)
+    teacher: Denoiser                 # frozen
+    schedule: VPSchedule
+    alpha: float                      # SiD alpha
+    guidance_train_fake: float        # kappa1: fake-score training
+    guidance_fake: float              # kappa2 = kappa3: fake score inside the generator loss
+    guidance_real: float              # kappa4: teacher
+    denom: float                      # rows of one branch per optimizer step (the loss normaliser)
+    loss_fn: Callable = generator_loss   # losses.generator_loss or a fused kernel with its signature
+    n_targets: int = 1                # forget targets (per-target statistics)
+
+    @classmethod
+    def for_trainer(cls, trainer, generator, fake_score, fake_score_view, denom: float) -> "PhaseContext":
+        s = trainer.cfg.sfd
+        return cls(generator, fake_score, fake_score_view, trainer.teacher, trainer.schedule, s.alpha,
+                   s.cfg_train_fake, s.cfg_eval_fake, s.cfg_eval_real, denom, trainer.loss_fn,
+                   len(trainer.target_names))
+
+
+@dataclass
 class PhaseDraws:
     """Every random input of one phase's micro-batch, drawn from the trainer's generator."""
     z: torch.Tensor
@@ -106,41 +131,38 @@ def zero_rows_of_grad(x: torch.Tensor, keep: torch.Tensor) -> None:
     x.register_hook(lambda grad: torch.where(mask, grad, torch.zeros_like(grad)))
 
 
-def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule: VPSchedule,
-                     draws: PhaseDraws, guidance: float, denom: float, n_targets: int = 1):
+def fake_score_phase(ctx: PhaseContext, draws: PhaseDraws):
     """Denoising score matching of the fake score on stop-gradient generator samples, epsilon-weighted
     for every prediction type (losses.fake_score_weight).
 
     Returns (loss to backpropagate, per-phase stats)."""
     c = draws.cond
+    schedule = ctx.schedule
     with torch.no_grad():
-        x_g = generator(draws.z, c.generator_cond)
+        x_g = ctx.generator(draws.z, c.generator_cond)
     x_t = schedule.add_noise(x_g, draws.noise, draws.t)
-    prediction = fake_score.output(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance)
+    prediction = ctx.fake_score.output(x_t, draws.t, c.fake_cond, c.fake_uncond, ctx.guidance_train_fake)
     target = schedule.target(x_g, draws.noise, draws.t)
     # epsilon-MSE for every parameterisation (a_t^2 on v rows: losses.fake_score_weight)
     idx = draws.t.long()
     weight = fake_score_weight(schedule.prediction, schedule.a_table[idx], schedule.b_table[idx])
     per_row = fake_score_loss(prediction, target, weight)
-    loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
-    return loss, phase_stats(per_row, c, n_targets)
+    loss, _ = masked_weighted_sum(per_row, draws.coef, ctx.denom)
+    return loss, phase_stats(per_row, c, ctx.n_targets)
 
 
-def generator_phase(generator: OneStepGenerator, fake_score_view, teacher: Denoiser,
-                    schedule: VPSchedule, draws: PhaseDraws, alpha: float,
-                    guidance_fake: float, guidance_real: float, denom: float,
-                    loss_fn: Callable = generator_loss, n_targets: int = 1):
+def generator_phase(ctx: PhaseContext, draws: PhaseDraws):
     """SiD generator loss through the fake score and the frozen teacher (neither detached).
 
-    `fake_score_view` evaluates the fake score with detached weights (denoisers.FrozenView), so
-    the backward through it reaches x_t (and so G) but accumulates no fake-score gradients.
-    `loss_fn` is the reference `losses.generator_loss` or a fused kernel with its signature."""
-    c = draws.cond
-    x_g = generator(draws.z, c.generator_cond)
+    `ctx.fake_score_view` evaluates the fake score with its weights frozen (denoisers.FrozenFakeScore),
+    so the backward through it reaches x_t (and so G) but accumulates no fake-score gradients.
+    `ctx.loss_fn` is the reference `losses.generator_loss` or a fused kernel with its signature."""
+    c, schedule = draws.cond, ctx.schedule
+    x_g = ctx.generator(draws.z, c.generator_cond)
     x_t = schedule.add_noise(x_g, draws.noise, draws.t)
-    y_fake = fake_score_view.x0(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance_fake)
-    y_real = teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, guidance_real)
-    per_row = loss_fn(x_g, y_real, y_fake, alpha)
-    loss, finite = masked_weighted_sum(per_row, draws.coef, denom)
+    y_fake = ctx.fake_score_view.x0(x_t, draws.t, c.fake_cond, c.fake_uncond, ctx.guidance_fake)
+    y_real = ctx.teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, ctx.guidance_real)
+    per_row = ctx.loss_fn(x_g, y_real, y_fake, ctx.alpha)
+    loss, finite = masked_weighted_sum(per_row, draws.coef, ctx.denom)
     zero_rows_of_grad(x_g, finite)     # a non-finite row: exactly zero gradient into G
-    return loss, phase_stats(per_row, c, n_targets)
+    return loss, phase_stats(per_row, c, ctx.n_targets)

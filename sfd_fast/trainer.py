@@ -1,7 +1,8 @@
 """THE SFD training loop: alternating fake-score and generator updates, for every backend.
 
 Phases (each readable on one screen):
-  setup     networks, EMA copy, acceleration (engine.accelerate), backend (plain | deepspeed), RNG
+  setup     networks, EMA copy, RNG, then the acceleration plan (engine/plan.py: precision, attention,
+            checkpointing, loss kernel, compile, micro-batch, backend, in that order)
   step      fake-score update (all micro-batches, then one optimizer step), generator update, EMA
   tick      every `log_every` steps: the ONLY host sync: status line, stats.jsonl, peak memory
   snapshot  sample grids and checkpoints
@@ -20,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,11 +33,12 @@ from tqdm import tqdm
 from .checkpoint import prune_checkpoints
 from .config import Config
 from .denoisers import Denoiser
-from .engine import accelerate, autocast_context, make_backend, select_generator_loss
+from .engine.memory import peak_memory, reset_peak_memory
+from .engine.plan import plan_acceleration
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
 from .guard import RunGuard
-from .step import NUM_STATS, tick_losses
+from .step import NUM_STATS, PhaseContext, tick_losses
 
 log = logging.getLogger("sfd_fast")
 
@@ -79,20 +80,15 @@ class SFDTrainer:
         # forget targets (several classes / concepts in one run): per-target loss statistics
         self.target_names = list(getattr(parts.task, "target_names", None) or ["forget"])
         self.stats = torch.zeros(2, len(self.target_names) + 1, NUM_STATS, device=device)
-        self.autocast = lambda: autocast_context(cfg.engine.precision, device)
-        # 4. acceleration in its fixed order (attention, checkpointing, compile) and the SFD loss
-        #    implementation (reference torch or the fused kernel): engine/accelerate.py decides
-        accelerate(self)
-        self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
-        # 4b. train.micro_batch "auto": estimate, one probe step on these networks, then the choice is
-        #     written into cfg.train (before the backend: DeepSpeed's config takes the micro-batch)
-        self.micro_batch_choice = None
-        if t.micro_batch == "auto":
-            from .engine.autobatch import resolve_auto_micro_batch
-            world = torch.distributed.get_world_size() if cfg.engine.backend == "deepspeed" else 1
-            self.micro_batch_choice = resolve_auto_micro_batch(self, world)
-        # 5. the backend: optimizers (plain) or two ZeRO engines (deepspeed)
-        self.backend = make_backend(self)
+        # 4. the acceleration plan, in its fixed order (engine/plan.py): precision, attention,
+        #    checkpointing, loss kernel, compile, micro-batch ("auto" probes these networks), backend
+        self.plan = plan_acceleration(self, generator_loss_fn)
+        b = self.backend
+        # 5. what both phases take besides their draws (step.PhaseContext)
+        self.phase_ctx = PhaseContext.for_trainer(self, b.phase_generator, b.phase_fake_score, b.fake_score_view,
+                                                  b.denom)
+        if b.is_rank0:
+            self.plan.log()
         # 6. stop cleanly on SIGTERM/SIGINT and when every update is skipped (guard.py)
         self.guard = RunGuard(self)
 
@@ -100,6 +96,8 @@ class SFDTrainer:
         """Where this trainer writes, set once the run directory is open and locked: train.py builds
         the trainer first, so that the auto micro-batch probe runs before anything is written."""
         self.run_dir = Path(run_dir)
+        if self.backend.is_rank0:
+            self.plan.write(self.run_dir)      # acceleration_plan.json: what this run executes
         write_configs = getattr(self.backend, "write_configs", None)   # DeepSpeed: its engine configs
         if write_configs is not None:
             write_configs()
@@ -110,8 +108,7 @@ class SFDTrainer:
         for _ in range(t.grad_accum):
             draws = b.draw("fake_score", s.sg_remain_coef, s.sg_forget_coef)
             with self.autocast():
-                loss, stats = self.fake_score_phase_fn(b.phase_generator, b.phase_fake_score, self.schedule, draws,
-                                                       s.cfg_train_fake, b.denom, len(self.target_names))
+                loss, stats = self.fake_score_phase_fn(self.phase_ctx, draws)
             b.backward("fake_score", loss)
             self.stats[0] += stats
         b.update("fake_score")
@@ -122,10 +119,7 @@ class SFDTrainer:
             for _ in range(t.grad_accum):
                 draws = b.draw("generator", s.g_remain_coef, s.g_forget_coef)
                 with self.autocast():
-                    loss, stats = self.generator_phase_fn(b.phase_generator, b.fake_score_view, self.teacher,
-                                                  self.schedule, draws, s.alpha, s.cfg_eval_fake,
-                                                  s.cfg_eval_real, b.denom, self.loss_fn,
-                                                  len(self.target_names))
+                    loss, stats = self.generator_phase_fn(self.phase_ctx, draws)
                 b.backward("generator", loss)
                 self.stats[1] += stats
         b.update("generator")
@@ -277,16 +271,3 @@ class SFDTrainer:
         self.backend.finish()
         return records
 
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory since the last reset: on CUDA the allocator's allocated and reserved peaks (as
-    NVlabs/edm reports them per tick); on CPU the process's peak resident set size (not resettable)."""
-    if device.type == "cuda":
-        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
-                "peak_mem_reserved_bytes": int(torch.cuda.max_memory_reserved(device))}
-    return {"peak_mem_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}  # Linux: KiB
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)

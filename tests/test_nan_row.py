@@ -15,11 +15,12 @@ import torch
 
 from sfd_fast.config import load_config
 from sfd_fast.denoisers import FrozenView
-from sfd_fast.step import generator_phase
+
 from sfd_fast.trainer import SFDTrainer
 from sfd_fast.train import build_parts
 from tests.helpers import tiny_digits_config
 from tests.test_step import _draws, _nets, _slice
+from tests.helpers import gen_phase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +45,7 @@ class BlowsUpOnRow:
 
 def _generator_grads(gen, fake, teacher, draws, denom):
     gen.zero_grad(set_to_none=True)
-    loss, stats = generator_phase(gen, FrozenView(fake), teacher, fake.schedule, draws, 1.2, 1.0, 1.0, denom)
+    loss, stats = gen_phase(gen, FrozenView(fake), teacher, fake.schedule, draws, 1.2, 1.0, 1.0, denom)
     loss.backward()
     return [p.grad.clone() for p in gen.parameters()], loss.detach(), stats
 
@@ -111,7 +112,7 @@ def test_trainer_applies_the_update_of_the_other_rows(tmp_path):
     (tmp_path / "b").mkdir()
     poisoned, dropped = _trainer(tmp_path, "a"), _trainer(tmp_path, "b")
     row = 3
-    poisoned.teacher = BlowsUpOnRow(poisoned.teacher, row)
+    poisoned.phase_ctx.teacher = BlowsUpOnRow(poisoned.teacher, row)   # what the phases call
     draw = dropped.backend.draw
     keep = [i for i in range(dropped.backend.micro * 2) if i != row]
     dropped.backend.draw = lambda phase, *a: _slice(draw(phase, *a), keep) if phase == "generator" else draw(phase, *a)

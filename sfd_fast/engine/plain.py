@@ -11,7 +11,7 @@ loop itself (trainer.py) exists once. Its interface, which engine/deepspeed.py i
     draw(phase, remain_coef, forget_coef) -> PhaseDraws       this rank's rows of one micro-batch
     backward(role, loss)        per micro-batch
     update(role)                after the accumulation: the optimizer step with the non-finite skip
-    generator_phase()           context around the generator update (ZeRO-3 freezes the fake score)
+    generator_phase()           context around the generator update (trainer.frozen_fake_score.during())
     ema_pairs()                 context -> (ema params, generator params) for the EMA lerp
     reduce_stats(stats)         per-rank sums -> global sums (a collective under DeepSpeed)
     sampling_generator()        the module to sample grids/evaluation from (collective under DeepSpeed)
@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint, load_weights_into, optimizer_from_flat, save_checkpoint
-from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
 from .optim import make_optimizer, nonfinite_flag
 
@@ -45,10 +44,8 @@ class PlainBackend:
         self.denom = cfg.train.batch_size
         self.phase_generator = trainer.generator
         self.phase_fake_score = trainer.fake_score
-        # the fake score inside the generator loss: detached weights (FrozenView), or, where that
-        # cannot work (diffusers activation checkpointing), requires_grad off for the generator phase
-        self.freeze_fake_score = needs_frozen_parameters(trainer.fake_score)
-        self.fake_score_view = trainer.fake_score if self.freeze_fake_score else FrozenView(trainer.fake_score)
+        # the fake score inside the generator loss: the plan's FrozenFakeScore (denoisers.py)
+        self.fake_score_view = trainer.frozen_fake_score.view
         modules = {"fake_score": trainer.fake_score, "generator": trainer.generator}
         self.params = {r: [p for p in modules[r].parameters() if p.requires_grad] for r in ROLES}
         # fused Adam (fp32 master weights), or bitsandbytes 8-bit Adam: engine/optim.py
@@ -84,7 +81,7 @@ class PlainBackend:
         self.trainer.skipped[ROLES.index(role)] += flag
 
     def generator_phase(self):
-        return frozen_if(self.freeze_fake_score, self.trainer.fake_score)
+        return self.trainer.frozen_fake_score.during()
 
     @contextlib.contextmanager
     def ema_pairs(self):
