@@ -7,10 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sfd_fast import train
 from sfd_fast.engine.accelerate import CUBLAS_WORKSPACE, set_device_flags
 from tests.helpers import tiny_digits_config
-from tests.test_trainer import _final_weights
+from tests.test_trainer import assert_split_run_resumes_bit_exact
 
 
 @pytest.fixture
@@ -47,13 +46,5 @@ def test_off_autotunes_convolutions_on_cuda(restore_global_flags):
 def test_deterministic_run_resumes_bit_exact_on_cpu(tmp_path, restore_global_flags):
     cfg_path = tiny_digits_config(tmp_path, train={"total_steps": 4, "ema": {"halflife_kimg": 0.01}},
                                   engine={"deterministic": True})
-    full, part = tmp_path / "full", tmp_path / "part"
-    train.main(["--config", str(cfg_path), "--run-dir", str(full)])
-    assert torch.are_deterministic_algorithms_enabled()     # the run did switch it on
-    train.main(["--config", str(cfg_path), "--run-dir", str(part), "--set", "train.total_steps=2"])
-    train.main(["--resume", str(part), "--set", "train.total_steps=4"])
-    (w_full, ck_full), (w_part, ck_part) = _final_weights(full), _final_weights(part)
-    assert ck_full.name == ck_part.name == "step-00000004"
-    for role in w_full:
-        for k in w_full[role]:
-            assert torch.equal(w_full[role][k], w_part[role][k]), (role, k)
+    assert_split_run_resumes_bit_exact(tmp_path, cfg_path, 4, 2)
+    assert torch.are_deterministic_algorithms_enabled()     # the runs did switch it on
