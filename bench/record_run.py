@@ -44,6 +44,7 @@ def main(argv=None):
     p.add_argument("--wall-s", type=float, required=True, help="wall time of the command, seconds")
     p.add_argument("--load", default="", help="load average before/after, as measured")
     p.add_argument("--machine-tag", default="cpu", help="short machine name for the folder")
+    p.add_argument("--out-root", default=str(Path(ROOT) / "docs" / "results"))
     a = p.parse_args(argv)
     run = Path(a.run_dir)
     state = tree_state(a.tree)
@@ -53,7 +54,7 @@ def main(argv=None):
     import torch
     config = json.loads((run / "config.json").read_text())
     date = datetime.datetime.fromtimestamp((run / "eval.json").stat().st_mtime, datetime.timezone.utc)
-    out = Path(ROOT) / "docs" / "results" / f"{date:%Y-%m-%d}_{a.machine_tag}_{a.name}"
+    out = Path(a.out_root) / f"{date:%Y-%m-%d}_{a.machine_tag}_{a.name}"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "eval.json", out / "eval.json")
     shutil.copy(run / "config.json", out / "config.json")
@@ -63,6 +64,7 @@ def main(argv=None):
                   "seed": config.get("run", {}).get("seed")}
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     print(out)
+    return out
 
 
 if __name__ == "__main__":

@@ -123,3 +123,62 @@ def test_readme_figures_performance_table_match_the_cited_file():
                f"{base['samples_per_s']:.2f} ({base['step_s']:.3f} s/step) | "
                f"{fast['samples_per_s'] / base['samples_per_s']:.2f}x |",
                f"{fast['peak_mem_bytes'] / 1e9:.2f} GB (process peak RSS)")
+
+
+RECORDED = re.compile(r"docs/results/([\w.\-]+)/eval\.json")
+METRIC_ROW = re.compile(r"^\| `(\w+)`[^|]*\| *([^|]*?) *\|", re.M)
+
+
+def _section_of(text: str, heading: str) -> str:
+    start = text.index(heading)
+    nxt = re.search(r"^#{2,3} ", text[start + len(heading):], re.M)
+    return text[start:start + len(heading) + (nxt.start() if nxt else len(text))]
+
+
+def test_readme_demo_table_values_come_from_a_recorded_run():
+    """Every value in the demo's metric table equals the recorded eval.json that section cites (rounded
+    as written); with no recorded run cited, the table holds no value at all."""
+    section = _section_of(README, "### The digits demo, measured")
+    rows = METRIC_ROW.findall(section)
+    assert rows, "the demo table is gone"
+    cited = RECORDED.findall(section)
+    written = [(key, value) for key, value in rows if value not in ("", "–", "-")]
+    if not cited:
+        assert not written, f"values without a recorded run: {written}"
+        return
+    recorded = ROOT / "docs" / "results" / cited[0]
+    ev = json.loads((recorded / "eval.json").read_text())
+    provenance = json.loads((recorded / "provenance.json").read_text())
+    assert provenance["dirty"] is False and re.fullmatch(r"[0-9a-f]{40}", provenance["commit"])
+    for key, value in written:
+        decimals = len(value.split(".", 1)[1]) if "." in value else 0
+        assert value == f"{ev[key]:.{decimals}f}", f"README {key} = {value}, {recorded.name}/eval.json: {ev[key]}"
+
+
+def test_recorded_runs_name_their_provenance():
+    for d in sorted((ROOT / "docs" / "results").glob("*")) if (ROOT / "docs" / "results").is_dir() else []:
+        p = json.loads((d / "provenance.json").read_text())
+        assert {"command", "commit", "machine", "finished_utc", "wall_s"} <= p.keys(), d.name
+        assert p["dirty"] is False, d.name
+
+
+def test_record_run_refuses_a_dirty_tree_and_records_a_clean_one(bench_repo, tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import record_run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    tmp_path = tmp_path_factory.mktemp("recorded")    # outside the repository under test
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"ua": 0.5}))
+    (run / "config.json").write_text(json.dumps({"run": {"seed": 3}}))
+    argv = [str(run), "--name", "demo", "--tree", str(bench_repo), "--command", "make demo", "--wall-s", "12",
+            "--out-root", str(tmp_path / "results")]
+    out = record_run.main(argv)
+    p = json.loads((out / "provenance.json").read_text())
+    assert p["dirty"] is False and len(p["commit"]) == 40 and p["command"] == "make demo" and p["seed"] == 3
+    assert json.loads((out / "eval.json").read_text()) == {"ua": 0.5}
+    (bench_repo / "bench" / "bench_tiny.py").write_text(BENCH + "# changed\n")
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        record_run.main(argv)
