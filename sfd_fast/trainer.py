@@ -96,8 +96,6 @@ class SFDTrainer:
         """Where this trainer writes, set once the run directory is open and locked: train.py builds
         the trainer first, so that the auto micro-batch probe runs before anything is written."""
         self.run_dir = Path(run_dir)
-        if self.backend.is_rank0:
-            self.plan.write(self.run_dir)      # acceleration_plan.json: what this run executes
         write_configs = getattr(self.backend, "write_configs", None)   # DeepSpeed: its engine configs
         if write_configs is not None:
             write_configs()
@@ -238,6 +236,8 @@ class SFDTrainer:
         total = total_steps or cfg.total_steps
         records = []
         eval_every = self.cfg.eval.every if self.cfg.eval.enabled else 0
+        if self.backend.is_rank0 and self.run_dir is not None:
+            self.plan.write(self.run_dir)     # acceleration_plan.json: what this run executes (a resume rewrites it)
         if self.step == 0:
             self.save_grid("step-00000000.png")
             if eval_every:
