@@ -5,10 +5,18 @@
 
 The suites record their measurements in each benchmark's `extra_info` (see bench_step.py and
 bench_kernels.py). Nothing here queries CUDA at import time.
+
+Committed numbers come from committed code: a run that writes results (`--benchmark-json`,
+`--benchmark-save`, `--benchmark-autosave`) from a tree with uncommitted changes (`git status
+--porcelain`: modified or untracked files) is refused with exit status 2 before anything runs.
+`--allow-dirty` runs it anyway and marks the file: "sfd_fast_tree": {"commit", "dirty": true,
+"changes": [...]} and a top-level "DIRTY_TREE" warning (tests/test_results_provenance.py refuses
+such a file wherever the README or docs cite it). Every results file records the commit.
 """
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -22,6 +30,46 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skips with a reason without one)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--allow-dirty", action="store_true",
+                     help="record results from a tree with uncommitted changes (the file is marked DIRTY_TREE)")
+
+
+def tree_state(root: str = ROOT) -> dict:
+    """{"commit", "dirty", "changes"} of the checkout at `root` (commit None outside git)."""
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    changes = (git("status", "--porcelain") or "").splitlines() if commit else []
+    return {"commit": commit, "dirty": bool(changes) or commit is None, "changes": changes[:50]}
+
+
+def _records_results(config) -> bool:
+    opt = config.getoption
+    return bool(opt("benchmark_json", None) or opt("benchmark_save", None) or opt("benchmark_autosave", None))
+
+
+def pytest_sessionstart(session):
+    config = session.config
+    state = config._sfd_fast_tree = tree_state()
+    if state["dirty"] and _records_results(config):
+        what = ("not a git checkout" if state["commit"] is None
+                else f"uncommitted changes at {state['commit'][:12]}: {', '.join(state['changes'][:5])}")
+        if not config.getoption("allow_dirty"):
+            pytest.exit(f"refusing to record benchmark results from a dirty tree ({what}); commit first, "
+                        "or pass --allow-dirty to record a file marked DIRTY_TREE", returncode=2)
+        print(f"\nWARNING: recording benchmark results from a dirty tree ({what}); the file is marked DIRTY_TREE",
+              file=sys.stderr)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    state = getattr(config, "_sfd_fast_tree", None) or tree_state()
+    output_json["sfd_fast_tree"] = state
+    if state["dirty"]:
+        output_json["DIRTY_TREE"] = "recorded with --allow-dirty from uncommitted code: not citable"
 
 
 @pytest.fixture(scope="session")

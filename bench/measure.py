@@ -7,7 +7,6 @@ network, as executed), or the PERFORMANCE.md table (18F per SFD sample with CFG 
 from __future__ import annotations
 
 import functools
-import resource
 import time
 
 import torch
@@ -57,18 +56,19 @@ def table_flops_per_step(sfd_samples: int, latent_side: int = 64) -> float:
 
 
 def reset_peak_memory(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    from sfd_fast.engine.memory import reset_peak_memory as reset
+    reset(device)
 
 
 def peak_memory(device) -> dict:
-    """CUDA: peak allocated and reserved bytes since the last reset. CPU: the process's peak RSS
-    (ru_maxrss, monotone over the whole process, so it is an upper bound for later cases)."""
-    if torch.device(device).type == "cuda":
-        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated()),
-                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
-    return {"peak_mem_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-            "peak_mem_kind": "process peak RSS"}
+    """The trainer's peak-memory helper (sfd_fast.engine.memory.peak_memory), in the benches' keys:
+    CUDA peak allocated and reserved bytes since the last reset; CPU the process's peak RSS (ru_maxrss,
+    monotone over the whole process, so it is an upper bound for later cases)."""
+    from sfd_fast.engine.memory import peak_memory as peak
+    mem = peak(device)
+    if "peak_mem_reserved_bytes" in mem:
+        return {"peak_mem_bytes": mem["peak_mem_bytes"], "peak_reserved_bytes": mem["peak_mem_reserved_bytes"]}
+    return {**mem, "peak_mem_kind": "process peak RSS"}
 
 
 def timed(fn, device, n: int) -> list[float]:

@@ -20,6 +20,7 @@ sd/build.py for the explicit `trust_pickle` path.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from .errors import DISK_FULL, UserError
 
 log = logging.getLogger("sfd_fast")
 MANIFEST = "manifest.json"
@@ -41,6 +42,66 @@ STEP_DIR = re.compile(r"step-(\d{8})")
 
 class NoCheckpointError(UserError, FileNotFoundError):
     """No complete, verified checkpoint where one was asked for."""
+
+
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file that does not read or does not fit its network; the message names the file
+    and, for a shape or key mismatch, the tensor (resume logs it as the reason a checkpoint is skipped)."""
+
+
+class DiskFullError(UserError):
+    """The device filled up while a checkpoint was written; the previous checkpoint is intact."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's whole message on one line (load_state_dict puts the tensor names on later lines)."""
+    return " ".join(str(e).split())
+
+
+def read_tensors(path: Path) -> dict:
+    """safetensors load_file, with the file named in any error (a truncated file's SafetensorError
+    does not say which file)."""
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointFileError(f"{path}: {type(e).__name__}: {one_line(e)}") from e
+
+
+def load_weights_into(module: torch.nn.Module, state_dict: dict, path: Path) -> None:
+    """module.load_state_dict(state_dict), naming the file and every mismatched tensor on failure."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = one_line(e).split(":", 1)[-1].strip()    # drop "Error(s) in loading state_dict for X:"
+        raise CheckpointFileError(f"{path} does not fit the {type(module).__name__}: {detail}") from e
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    # OSError from Python's own writes; safetensors' Rust writer raises its own error type whose
+    # message carries the OS error ("No space left on device", kind StorageFull)
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        return True
+    return "No space left on device" in str(e) or "StorageFull" in str(e)
+
+
+@contextlib.contextmanager
+def disk_full_is_a_user_error(tmp: Path, ckpt_root: Path, name: str):
+    """A full disk while writing checkpoint `name` (in `tmp`): the partial folder is removed (the
+    space it held is given back) and the run stops with exit 2 and one paragraph naming the folder;
+    the previous checkpoint is untouched (nothing is renamed before every file is written)."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(ckpt_root).free
+        previous = [p.name for p in sorted(ckpt_root.glob("step-*"), reverse=True) if p.name != name]
+        prev = f"the previous checkpoint {ckpt_root / previous[0]} is intact" if previous else "no earlier checkpoint exists"
+        raise DiskFullError(
+            f"no space left on the device of {ckpt_root} while writing checkpoint {name} "
+            f"({free / 2**20:.1f} MiB free now); the unfinished folder was removed and {prev}. Free space "
+            f"(or lower train.keep_checkpoints) and continue with --resume {ckpt_root.parent}") from None
 
 
 def crash_point(phase: str, step: int | None = None) -> None:
@@ -126,6 +187,13 @@ def atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
+def atomic_write_json(path: Path, data, indent: int | None = 1) -> Path:
+    """The one atomic JSON writer: `data` as JSON (UTF-8, a final newline) through atomic_write_text."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+    return path
+
+
 def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict | None = None):
     """One file, atomically: write a temp file beside it, fsync, rename."""
     path = Path(path)
@@ -170,6 +238,11 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, dict], optimize
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    with disk_full_is_a_user_error(tmp, ckpt_root, name):
+        return _write_checkpoint(tmp, ckpt_root, name, step, weights, optimizers, state, rng_state, task_rng_state)
+
+
+def _write_checkpoint(tmp, ckpt_root, name, step, weights, optimizers, state, rng_state, task_rng_state) -> Path:
     for role, sd in weights.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{role}.safetensors"))
     crash_point("after_weights", step)
@@ -278,12 +351,12 @@ def load_checkpoint(path: Path) -> dict:
     Non-finite weights or optimizer state are refused with the tensor's name."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
-    weights = {f.stem: load_file(str(f)) for f in path.glob("*.safetensors")
+    weights = {f.stem: read_tensors(f) for f in path.glob("*.safetensors")
                if not f.stem.startswith("optim_") and f.stem != "rng"}
-    optim = {f.stem[len("optim_"):]: load_file(str(f)) for f in path.glob("optim_*.safetensors")}
+    optim = {f.stem[len("optim_"):]: read_tensors(f) for f in path.glob("optim_*.safetensors")}
     for role, sd in {**weights, **{f"optim_{r}": t for r, t in optim.items()}}.items():
         check_finite(sd, f"checkpoint {path / (role + '.safetensors')}")
-    rngs = load_file(str(path / "rng.safetensors"))
+    rngs = read_tensors(path / "rng.safetensors")
     return {"weights": weights, "optim": optim, "state": state, "rng": rngs["rng"],
             "task_rng": rngs.get("task_rng")}
 

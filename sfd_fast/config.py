@@ -117,6 +117,7 @@ class EngineConfig:
     compile_phase: bool = False       # instead: each whole phase (noise, both scores + CFG, loss) as one graph
     compile_mode: str = "default"     # torch.compile mode: default | max-autotune | reduce-overhead
     channels_last: bool = False       # UNets in channels_last memory format (unmeasured on GPU: off)
+    deterministic: bool = False       # CUDA: cudnn.benchmark off, deterministic algorithms, cuBLAS workspace
     kernels: str = "auto"             # auto | torch | triton  (the fused SFD loss)
     attention: str = "sdpa"           # sdpa | xformers | auto
     activation_checkpointing: bool = False

@@ -114,11 +114,12 @@ class FrozenView(nn.Module):
 def frozen_parameters(module: nn.Module):
     """requires_grad off on `module`'s parameters for the block, restored after (even on error).
 
-    The alternative to FrozenView where functional_call cannot be used: ZeRO-3 (partitioned
-    weights) and diffusers' activation checkpointing, whose backward recomputation runs outside
-    functional_call and so would see the real (grad-requiring) weights instead of the detached
-    ones (torch.utils.checkpoint then raises a metadata-mismatch CheckpointError). The backward
-    must run inside the block too, as the trainer's generator update does."""
+    The alternative to FrozenView where functional_call cannot be used (FrozenFakeScore chooses):
+    ZeRO-3 (partitioned weights) and diffusers' activation checkpointing, whose backward
+    recomputation runs outside functional_call and so would see the real (grad-requiring) weights
+    instead of the detached ones (torch.utils.checkpoint then raises a metadata-mismatch
+    CheckpointError). The backward must run inside the block too, as the trainer's generator update
+    does."""
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -129,11 +130,34 @@ def frozen_parameters(module: nn.Module):
             p.requires_grad_(True)
 
 
-def frozen_if(freeze: bool, module: nn.Module):
-    """frozen_parameters(module) when `freeze`, else a no-op context (the backends' generator phase)."""
-    return frozen_parameters(module) if freeze else contextlib.nullcontext()
+class FrozenFakeScore:
+    """The fake score inside the generator update, with no gradient into its weights: the one
+    mechanism, decided once per run by the acceleration plan (engine/plan.py).
 
+      `view`      what the generator phase calls (`view.x0(...)`);
+      `during()`  the context around the whole generator update, its backward included.
 
-def needs_frozen_parameters(denoiser: Denoiser) -> bool:
-    """True when FrozenView cannot be used for `denoiser` (diffusers gradient checkpointing on)."""
-    return bool(getattr(denoiser.net, "is_gradient_checkpointing", False))
+    Detached weights (FrozenView) wherever functional_call sees the weights the forward and backward
+    use: nothing is toggled, so nothing recompiles under torch.compile, and the backward is input-only.
+    A requires_grad toggle (frozen_parameters) where it cannot: diffusers' activation checkpointing
+    (its recomputation runs outside functional_call) and DeepSpeed ZeRO-3 (partitioned weights)."""
+
+    def __init__(self, fake_score: Denoiser, toggle_reason: str | None = None):
+        self.fake_score, self.toggle_reason = fake_score, toggle_reason
+        self.view = fake_score if toggle_reason else FrozenView(fake_score)
+
+    @classmethod
+    def for_run(cls, fake_score: Denoiser, zero3: bool = False) -> "FrozenFakeScore":
+        if zero3:
+            return cls(fake_score, "DeepSpeed ZeRO-3 partitions the weights")
+        if getattr(fake_score.net, "is_gradient_checkpointing", False):
+            return cls(fake_score, "diffusers activation checkpointing recomputes outside functional_call")
+        return cls(fake_score)
+
+    def during(self):
+        return frozen_parameters(self.fake_score) if self.toggle_reason else contextlib.nullcontext()
+
+    def describe(self) -> str:
+        if self.toggle_reason:
+            return f"requires_grad off during the generator update ({self.toggle_reason})"
+        return "detached weights (FrozenView: functional_call, input-only backward)"

@@ -9,7 +9,10 @@ error and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UserError(Exception):
@@ -45,6 +48,16 @@ def user_error_boundary():
         message = str(e) if str(e).startswith(e.prefix) else f"{e.prefix}{e}"
         print(message, file=sys.stderr)
         raise UserExit(message, e.exit_code) from None
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        # any other write on a full device (a grid, stats.jsonl, a report): checkpoints have their own
+        # message (checkpoint.DiskFullError, a UserError); nothing written before is damaged
+        where = f" while writing {e.filename}" if e.filename else ""
+        message = (f"error: no space left on the device{where} ({e.strerror}); free space and run the command "
+                   "again (a training run continues with --resume RUN_DIR: checkpoints already written are intact)")
+        print(message, file=sys.stderr)
+        raise UserExit(message, 2) from None
     except KeyboardInterrupt:   # Ctrl-C outside the training loop (there guard.py checkpoints first)
         print("interrupted (Ctrl-C) outside the training loop; checkpoints already written are intact",
               file=sys.stderr)
@@ -54,3 +67,25 @@ def user_error_boundary():
             print(e.code, file=sys.stderr)
             raise UserExit(e.code, 2) from None
         raise
+
+
+def check_output_path(path, flag: str) -> None:
+    """A UserError naming `flag` and the path when `path` cannot be created because something on the
+    way to it is an existing file (`--out existing.png/grid.png`): checked before any work, so the
+    command stops with exit 2 instead of a FileExistsError traceback after minutes of sampling."""
+    from pathlib import Path
+    path = Path(path)
+    for parent in reversed(path.absolute().parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a folder, so {path} cannot be written "
+                            f"below it; choose another {flag}")
+
+
+def check_output_args(argv: list[str], flags=("--out", "--out-dir")) -> None:
+    """check_output_path for each `--out X` / `--out=X` (and --out-dir) of a command line."""
+    for i, a in enumerate(argv):
+        for flag in flags:
+            if a == flag and i + 1 < len(argv):
+                check_output_path(argv[i + 1], flag)
+            elif a.startswith(flag + "="):
+                check_output_path(a.split("=", 1)[1], flag)

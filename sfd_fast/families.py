@@ -76,6 +76,8 @@ def _run_kind(argv: list[str]) -> str | None:
 
 
 def _dispatch(command: str, argv: list[str]):
+    from .errors import check_output_args
+    check_output_args(argv)     # `--out` below an existing file: exit 2 naming it, before any work
     kind = _run_kind(argv) or "stable_diffusion"
     ref = getattr(family(kind), command) if kind in FAMILIES else None
     if ref is None:

@@ -3,14 +3,16 @@
 SIGTERM (what schedulers send before preemption) or SIGINT (Ctrl-C): the current step finishes, a
 checkpoint is written and the run exits with 128 + the signal number and one line saying so; a
 second signal exits at once (the checkpoint protocol keeps the previous checkpoint intact). Under
-DeepSpeed the ranks agree on the stop (a one-element all-reduce, a host sync) every
-min(10, log_every, max_consecutive_skips) steps, so a stop can take up to that many steps.
+DeepSpeed the ranks agree on the stop every min(10, log_every) steps, so a stop can take up to
+that many steps: a one-element all-reduce of a CPU tensor over a gloo group, host to host, which
+never waits for a device.
 
-Consecutive skipped updates are counted on the device (no host sync per step); every
-`min(max_consecutive_skips, log_every)` steps the count is read. When a network's updates were
-skipped `train.max_consecutive_skips` times in a row, nothing has changed its weights since the
-last good update, so a checkpoint of the current state is the last good state: it is written and
-the run exits with status 3, naming the network and the non-finite rows.
+Consecutive skipped updates are counted on the device (no host sync per step) and read with the
+log tick's statistics, in the tick's one host read (trainer._tick -> `note_tick`). When a network's
+updates were skipped at least `train.max_consecutive_skips` times in a row at a tick, nothing has
+changed its weights since the last good update, so a checkpoint of the current state is the last
+good state: it is written and the run exits with status 3, naming the network and the non-finite
+rows. The stop comes at the first tick at or after the limit (at most log_every - 1 steps late).
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ class RunGuard:
     def __init__(self, trainer):
         self.trainer = trainer
         self.limit = trainer.cfg.train.max_consecutive_skips
-        self.every = max(1, min(self.limit, trainer.cfg.train.log_every))
+        self.every = max(1, trainer.cfg.train.log_every)     # the log tick: the only host read
+        self.runs_at_tick = None        # the consecutive counts read by this step's tick (note_tick)
+        self._stop_group = None         # DeepSpeed: a gloo group for the signal agreement
         self.prev = trainer.skipped.clone()
         self.consecutive = torch.zeros_like(trainer.skipped)
         # non-finite loss rows per phase during the current run of skipped updates; the trainer's stats
@@ -81,9 +85,13 @@ class RunGuard:
             return self.signum
         if self.trainer.step % min(10, self.every):   # ranks agree every <= 10 steps: one small all-reduce
             return 0
-        flag = torch.tensor([float(self.signum)], device=self.trainer.device)   # every rank stops together
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        from .engine.device import host_side
+        with host_side():   # a CPU tensor over gloo: host to host, the device queue is never waited for
+            if self._stop_group is None:   # collective: every rank reaches the first check at the same step
+                self._stop_group = torch.distributed.new_group(backend="gloo")
+            flag = torch.tensor([float(self.signum)])   # every rank stops together
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group)
+            return int(flag.item())
 
     # ---------------------------------------------------------------- per step
     def after_step(self) -> None:
@@ -101,6 +109,10 @@ class RunGuard:
                                        torch.zeros_like(self.rows_in_run))
         self.last_rows.copy_(rows)
 
+    def note_tick(self, runs: list) -> None:
+        """The consecutive-skip counts as read by the log tick (its one host read, trainer._tick)."""
+        self.runs_at_tick = runs
+
     def check(self, saved_now: bool, final: bool = False) -> None:
         """Raise RunInterrupted / RunCannotTrain after writing a checkpoint (unless one was just written).
         At the final step a run shorter than the limit whose every update was skipped stops too: it
@@ -113,7 +125,9 @@ class RunGuard:
                                  f"{ck} written; continue with --resume {t.run_dir}", signum)
         if t.step % self.every and not final:
             return
-        runs = self.consecutive.tolist()       # host sync, once per `every` steps
+        runs, self.runs_at_tick = self.runs_at_tick, None
+        if runs is None:                       # no tick this step (a trainer driven without train())
+            runs = self.consecutive.tolist()
         limit = min(self.limit, t.step - self.start_step) if final else self.limit
         stuck = [r for r, n in zip(ROLES, runs) if n >= limit]
         if not stuck:

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, checkpoint_folders
+from .checkpoint import atomic_write_json, atomic_write_text, checkpoint_folders
 from .config import Config, ConfigError, load_config, read_run_config
 from .errors import UserError
 from .trackers import flatten
@@ -120,7 +120,7 @@ def record_resume(run_dir: Path, cfg: Config, changes: dict, step: int) -> None:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_at_step": step,
                             "changes": changes}) + "\n")
     if changes:
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
 
 
 def resolve_paths(cfg: Config) -> None:
@@ -168,7 +168,7 @@ def load_newest_usable(backend, run_dir: Path) -> tuple[dict, Path]:
     """Load the newest checkpoint that verifies (manifest) and loads (backend.load); newer ones that do
     not are logged with the reason. Under DeepSpeed every rank must agree that a load worked, so the
     outcome is all-reduced before the next candidate is tried. None usable: a UserError listing why."""
-    from .checkpoint import NoCheckpointError, checkpoint_status
+    from .checkpoint import NoCheckpointError, checkpoint_status, one_line
     skipped = []
     for path in checkpoint_folders(run_dir):
         reason = checkpoint_status(path)
@@ -177,7 +177,7 @@ def load_newest_usable(backend, run_dir: Path) -> tuple[dict, Path]:
             try:
                 state = backend.load(path)
             except Exception as e:   # any failure to read a checkpoint: try the previous one
-                reason = f"does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                reason = f"does not load ({type(e).__name__}: {one_line(e)})"   # names file + tensor
         if _all_ranks_ok(reason is None, backend):
             for name, why in skipped:
                 log.warning("resume: skipped newer checkpoint %s: %s", name, why)

@@ -10,6 +10,12 @@ equals coef_r * L_remain + coef_f * L_forget of the reference's separate passes.
 
 Nothing here syncs with the host: non-finite rows are masked with torch.where, and the per-branch
 statistics stay on the device until the trainer's log tick.
+
+A non-finite row of the generator phase contributes exactly zero gradient (`zero_rows_of_grad`), so
+the other rows update as if it had been dropped with the reference's normalisation (the same
+`denom`). The loss mask alone does not do it: the masked row's zero gradient meets its NaN omega
+and NaN teacher / fake-score activations on the way back (0 / NaN = NaN) and would reach the
+generator's output, poisoning every weight gradient and so skipping the whole update.
 """
 from __future__ import annotations
 
@@ -28,6 +34,31 @@ from .conditions import PhaseConditions, row_targets
 # and summed over a tick; row 0 = remain rows, row 1 + k = forget rows of target k
 STAT_SUM, STAT_N, STAT_NONFINITE = range(3)
 NUM_STATS = 3
+
+
+@dataclass
+class PhaseContext:
+    """Everything both phases need besides their draws, built once per trainer (and per probe):
+    the networks as the backend calls them, the schedule and the loss settings."""
+    generator: object                 # OneStepGenerator, or its DeepSpeed engine
+    fake_score: object                # the fake score in its own update (`.output` is trained)
+    fake_score_view: object           # the fake score inside the generator loss (FrozenFakeScore.view)
+    teacher: Denoiser                 # frozen
+    schedule: VPSchedule
+    alpha: float                      # SiD alpha
+    guidance_train_fake: float        # kappa1: fake-score training
+    guidance_fake: float              # kappa2 = kappa3: fake score inside the generator loss
+    guidance_real: float              # kappa4: teacher
+    denom: float                      # rows of one branch per optimizer step (the loss normaliser)
+    loss_fn: Callable = generator_loss   # losses.generator_loss or a fused kernel with its signature
+    n_targets: int = 1                # forget targets (per-target statistics)
+
+    @classmethod
+    def for_trainer(cls, trainer, generator, fake_score, fake_score_view, denom: float) -> "PhaseContext":
+        s = trainer.cfg.sfd
+        return cls(generator, fake_score, fake_score_view, trainer.teacher, trainer.schedule, s.alpha,
+                   s.cfg_train_fake, s.cfg_eval_fake, s.cfg_eval_real, denom, trainer.loss_fn,
+                   len(trainer.target_names))
 
 
 @dataclass
@@ -84,40 +115,54 @@ def tick_losses(stats: list, target_names: list[str]) -> dict:
     return out
 
 
-def fake_score_phase(generator: OneStepGenerator, fake_score: Denoiser, schedule: VPSchedule,
-                     draws: PhaseDraws, guidance: float, denom: float, n_targets: int = 1):
+def zero_rows_of_grad(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """In the backward, replace the gradient arriving at `x` (rows first) by exact zeros on the rows
+    where `keep` is False, before it goes further back (into the generator).
+
+    `keep` is only known after the forward (the loss decides it), hence a gradient hook rather than
+    a forward-time select; torch.where (not a multiply) because 0 * NaN = NaN. Rows are independent
+    in every backbone here (per-sample norms, no BatchNorm), so a dropped row's NaNs cannot reach the
+    other rows downstream of `x`. What this cannot clean: a row whose own generator forward is
+    non-finite (NaN z, overflow inside G) puts 0 * NaN into G's weight gradients; the optimizer then
+    skips the whole update (engine/optim.py), as before."""
+    if not x.requires_grad:
+        return
+    mask = keep.reshape(-1, *([1] * (x.dim() - 1)))
+    x.register_hook(lambda grad: torch.where(mask, grad, torch.zeros_like(grad)))
+
+
+def fake_score_phase(ctx: PhaseContext, draws: PhaseDraws):
     """Denoising score matching of the fake score on stop-gradient generator samples, epsilon-weighted
     for every prediction type (losses.fake_score_weight).
 
     Returns (loss to backpropagate, per-phase stats)."""
     c = draws.cond
+    schedule = ctx.schedule
     with torch.no_grad():
-        x_g = generator(draws.z, c.generator_cond)
+        x_g = ctx.generator(draws.z, c.generator_cond)
     x_t = schedule.add_noise(x_g, draws.noise, draws.t)
-    prediction = fake_score.output(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance)
+    prediction = ctx.fake_score.output(x_t, draws.t, c.fake_cond, c.fake_uncond, ctx.guidance_train_fake)
     target = schedule.target(x_g, draws.noise, draws.t)
     # epsilon-MSE for every parameterisation (a_t^2 on v rows: losses.fake_score_weight)
     idx = draws.t.long()
     weight = fake_score_weight(schedule.prediction, schedule.a_table[idx], schedule.b_table[idx])
     per_row = fake_score_loss(prediction, target, weight)
-    loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
-    return loss, phase_stats(per_row, c, n_targets)
+    loss, _ = masked_weighted_sum(per_row, draws.coef, ctx.denom)
+    return loss, phase_stats(per_row, c, ctx.n_targets)
 
 
-def generator_phase(generator: OneStepGenerator, fake_score_view, teacher: Denoiser,
-                    schedule: VPSchedule, draws: PhaseDraws, alpha: float,
-                    guidance_fake: float, guidance_real: float, denom: float,
-                    loss_fn: Callable = generator_loss, n_targets: int = 1):
+def generator_phase(ctx: PhaseContext, draws: PhaseDraws):
     """SiD generator loss through the fake score and the frozen teacher (neither detached).
 
-    `fake_score_view` evaluates the fake score with detached weights (denoisers.FrozenView), so
-    the backward through it reaches x_t (and so G) but accumulates no fake-score gradients.
-    `loss_fn` is the reference `losses.generator_loss` or a fused kernel with its signature."""
-    c = draws.cond
-    x_g = generator(draws.z, c.generator_cond)
+    `ctx.fake_score_view` evaluates the fake score with its weights frozen (denoisers.FrozenFakeScore),
+    so the backward through it reaches x_t (and so G) but accumulates no fake-score gradients.
+    `ctx.loss_fn` is the reference `losses.generator_loss` or a fused kernel with its signature."""
+    c, schedule = draws.cond, ctx.schedule
+    x_g = ctx.generator(draws.z, c.generator_cond)
     x_t = schedule.add_noise(x_g, draws.noise, draws.t)
-    y_fake = fake_score_view.x0(x_t, draws.t, c.fake_cond, c.fake_uncond, guidance_fake)
-    y_real = teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, guidance_real)
-    per_row = loss_fn(x_g, y_real, y_fake, alpha)
-    loss, _ = masked_weighted_sum(per_row, draws.coef, denom)
-    return loss, phase_stats(per_row, c, n_targets)
+    y_fake = ctx.fake_score_view.x0(x_t, draws.t, c.fake_cond, c.fake_uncond, ctx.guidance_fake)
+    y_real = ctx.teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, ctx.guidance_real)
+    per_row = ctx.loss_fn(x_g, y_real, y_fake, ctx.alpha)
+    loss, finite = masked_weighted_sum(per_row, draws.coef, ctx.denom)
+    zero_rows_of_grad(x_g, finite)     # a non-finite row: exactly zero gradient into G
+    return loss, phase_stats(per_row, c, ctx.n_targets)

@@ -7,8 +7,8 @@ trainer already holds on the host (no extra sync):
                      skipped updates, peak memory, learning rates (tag = the stats.jsonl key)
   every eval tick    the "eval/<metric>" numbers of that stats.jsonl record
   every grid tick    the sample grid PNG as an image ("samples")
-  once at start      the resolved config and the acceleration plan (RUN_DIR/plan.json when the run
-                     wrote one, else the config's engine section)
+  once at start      the resolved config and the trainer's acceleration plan (engine/plan.py; the same
+                     as RUN_DIR/acceleration_plan.json)
   at the end         eval.json's numbers as "final/<metric>"
 
 Where they write: TensorBoard into RUN_DIR/tensorboard (a resume reopens the same folder with
@@ -76,17 +76,6 @@ def numbers(rec: dict) -> dict:
     return {k: float(v) for k, v in rec.items()
             if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(v)}
-
-
-def acceleration_plan(run_dir: Path, config: dict) -> dict:
-    """RUN_DIR/plan.json when the run wrote one, else the config's engine section."""
-    path = Path(run_dir) / "plan.json"
-    if path.is_file():
-        try:
-            return {"source": "plan.json", **json.loads(path.read_text())}
-        except (json.JSONDecodeError, TypeError):
-            pass
-    return {"source": "config engine section", **config.get("engine", {})}
 
 
 class TensorBoardTracker:
@@ -175,13 +164,15 @@ class Trackers:
             s.close(failed)
 
 
-def open_trackers(log_cfg: LogConfig, run_dir: Path, start_step: int, config: dict, rank0: bool) -> Trackers:
-    """The trackers of log.trackers on rank 0 (TensorBoard, W&B in that order), no sinks elsewhere."""
+def open_trackers(log_cfg: LogConfig, run_dir: Path, start_step: int, config: dict, rank0: bool,
+                  plan: dict) -> Trackers:
+    """The trackers of log.trackers on rank 0 (TensorBoard, W&B in that order), no sinks elsewhere.
+    `plan`: the trainer's acceleration plan (engine/plan.py, `plan.as_dict()`)."""
     trackers = Trackers()
     if not rank0:
         return trackers
     run_dir = Path(run_dir)
-    plan = acceleration_plan(run_dir, config)
+    plan = {"source": "acceleration plan", **plan}
     try:
         for name in log_cfg.trackers:
             if name == "tensorboard":

@@ -217,14 +217,14 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
     chosen int, so a resume reuses it); a resume loads the newest usable checkpoint, drops stats
     past it and records its config changes; environment.json gets this start; the trackers open.
     Then training and the family's evaluation (rank 0)."""
-    from sfd_fast.checkpoint import atomic_write_text
+    from sfd_fast.checkpoint import atomic_write_json
     from sfd_fast.environment import record_environment
     from sfd_fast.errors import UserError
     from sfd_fast.rundir import record_resume, trim_stats
     from sfd_fast.trackers import open_trackers
     if not args.resume and rank0:
         trim_stats(run_dir, 0)   # a run that died before its first checkpoint left stats behind
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
     if args.resume:
         trainer.resume(run_dir)
         if trainer.step >= cfg.train.total_steps:
@@ -238,7 +238,7 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
     if rank0:
         record_environment(run_dir, device, trainer.backend.world, trainer.step)
     # TensorBoard / W&B (log.trackers): a resume continues the same TensorBoard folder and W&B run id
-    trainer.trackers = open_trackers(cfg.log, run_dir, trainer.step, cfg.to_dict(), rank0)
+    trainer.trackers = open_trackers(cfg.log, run_dir, trainer.step, cfg.to_dict(), rank0, trainer.plan.as_dict())
     try:
         result = _train_and_evaluate(cfg, trainer, run_dir, device, rank0)
     except BaseException:
@@ -284,7 +284,7 @@ def dry_run(cfg, trainer, device) -> dict:
     the auto choice's record), memory and the config."""
     import time
 
-    from sfd_fast.trainer import peak_memory, reset_peak_memory
+    from sfd_fast.engine.memory import peak_memory, reset_peak_memory
     counts = {role: sum(p.numel() for p in net.parameters())
               for role, net in (("teacher", trainer.teacher), ("fake_score", trainer.fake_score),
                                 ("generator", trainer.generator))}
@@ -296,7 +296,8 @@ def dry_run(cfg, trainer, device) -> dict:
     trainer.train_step()
     seconds = time.time() - t0
     report = {"dry_run": True, "device": str(device), "parameters": counts, "micro_batch": micro,
-              "step_seconds": seconds, **peak_memory(device), "config": cfg.to_dict()}
+              "step_seconds": seconds, **peak_memory(device), "acceleration_plan": trainer.plan.as_dict(),
+              "config": cfg.to_dict()}
     if trainer.backend.is_rank0:
         print(json.dumps(report, indent=1))
     return report

@@ -1,7 +1,8 @@
 """THE SFD training loop: alternating fake-score and generator updates, for every backend.
 
 Phases (each readable on one screen):
-  setup     networks, EMA copy, acceleration (engine.accelerate), backend (plain | deepspeed), RNG
+  setup     networks, EMA copy, RNG, then the acceleration plan (engine/plan.py: precision, attention,
+            checkpointing, loss kernel, compile, micro-batch, backend, in that order)
   step      fake-score update (all micro-batches, then one optimizer step), generator update, EMA
   tick      every `log_every` steps: the ONLY host sync: status line, stats.jsonl, peak memory
   snapshot  sample grids and checkpoints
@@ -20,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,11 +33,12 @@ from tqdm import tqdm
 from .checkpoint import prune_checkpoints
 from .config import Config
 from .denoisers import Denoiser
-from .engine import accelerate, autocast_context, make_backend, select_generator_loss
+from .engine.memory import peak_memory, reset_peak_memory
+from .engine.plan import plan_acceleration
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
 from .guard import RunGuard
-from .step import NUM_STATS, tick_losses
+from .step import NUM_STATS, PhaseContext, tick_losses
 from .trackers import Trackers
 
 log = logging.getLogger("sfd_fast")
@@ -80,20 +81,15 @@ class SFDTrainer:
         # forget targets (several classes / concepts in one run): per-target loss statistics
         self.target_names = list(getattr(parts.task, "target_names", None) or ["forget"])
         self.stats = torch.zeros(2, len(self.target_names) + 1, NUM_STATS, device=device)
-        self.autocast = lambda: autocast_context(cfg.engine.precision, device)
-        # 4. acceleration in its fixed order (attention, checkpointing, compile) and the SFD loss
-        #    implementation (reference torch or the fused kernel): engine/accelerate.py decides
-        accelerate(self)
-        self.loss_fn = generator_loss_fn or select_generator_loss(cfg.engine, device)
-        # 4b. train.micro_batch "auto": estimate, one probe step on these networks, then the choice is
-        #     written into cfg.train (before the backend: DeepSpeed's config takes the micro-batch)
-        self.micro_batch_choice = None
-        if t.micro_batch == "auto":
-            from .engine.autobatch import resolve_auto_micro_batch
-            world = torch.distributed.get_world_size() if cfg.engine.backend == "deepspeed" else 1
-            self.micro_batch_choice = resolve_auto_micro_batch(self, world)
-        # 5. the backend: optimizers (plain) or two ZeRO engines (deepspeed)
-        self.backend = make_backend(self)
+        # 4. the acceleration plan, in its fixed order (engine/plan.py): precision, attention,
+        #    checkpointing, loss kernel, compile, micro-batch ("auto" probes these networks), backend
+        self.plan = plan_acceleration(self, generator_loss_fn)
+        b = self.backend
+        # 5. what both phases take besides their draws (step.PhaseContext)
+        self.phase_ctx = PhaseContext.for_trainer(self, b.phase_generator, b.phase_fake_score, b.fake_score_view,
+                                                  b.denom)
+        if b.is_rank0:
+            self.plan.log()
         # 6. stop cleanly on SIGTERM/SIGINT and when every update is skipped (guard.py)
         self.guard = RunGuard(self)
         # 7. experiment trackers (trackers.py): train.py opens them on rank 0 once the run dir exists
@@ -113,8 +109,7 @@ class SFDTrainer:
         for _ in range(t.grad_accum):
             draws = b.draw("fake_score", s.sg_remain_coef, s.sg_forget_coef)
             with self.autocast():
-                loss, stats = self.fake_score_phase_fn(b.phase_generator, b.phase_fake_score, self.schedule, draws,
-                                                       s.cfg_train_fake, b.denom, len(self.target_names))
+                loss, stats = self.fake_score_phase_fn(self.phase_ctx, draws)
             b.backward("fake_score", loss)
             self.stats[0] += stats
         b.update("fake_score")
@@ -125,10 +120,7 @@ class SFDTrainer:
             for _ in range(t.grad_accum):
                 draws = b.draw("generator", s.g_remain_coef, s.g_forget_coef)
                 with self.autocast():
-                    loss, stats = self.generator_phase_fn(b.phase_generator, b.fake_score_view, self.teacher,
-                                                  self.schedule, draws, s.alpha, s.cfg_eval_fake,
-                                                  s.cfg_eval_real, b.denom, self.loss_fn,
-                                                  len(self.target_names))
+                    loss, stats = self.generator_phase_fn(self.phase_ctx, draws)
                 b.backward("generator", loss)
                 self.stats[1] += stats
         b.update("generator")
@@ -176,13 +168,18 @@ class SFDTrainer:
 
     # ------------------------------------------------------------------ the loop
     def _tick(self, t0: float, steps_in_tick: int, bar) -> dict:
-        """Host sync happens here, once per tick."""
+        """The one host read of a tick window: statistics, skip counters and the guard's run lengths in
+        one transfer (every rank, so each rank's guard decides on the same numbers)."""
         self.backend.reduce_stats(self.stats)
+        n_stats = self.stats.numel()
+        host = torch.cat([self.stats.flatten(), self.skipped, self.guard.consecutive]).tolist()
+        self.guard.note_tick(host[n_stats + 2:])
         if not self.backend.is_rank0:
             self.stats.zero_()
             return {}
-        st = self.stats.tolist()
-        skipped = self.skipped.tolist()
+        nets, groups, k = self.stats.shape
+        st = [[host[(i * groups + j) * k:(i * groups + j + 1) * k] for j in range(groups)] for i in range(nets)]
+        skipped = host[n_stats:n_stats + 2]
         dt = max(time.time() - t0, 1e-9)
         batch = self.cfg.train.batch_size
         rec = {
@@ -246,6 +243,8 @@ class SFDTrainer:
         total = total_steps or cfg.total_steps
         records = []
         eval_every = self.cfg.eval.every if self.cfg.eval.enabled else 0
+        if self.backend.is_rank0 and self.run_dir is not None:
+            self.plan.write(self.run_dir)     # acceleration_plan.json: what this run executes (a resume rewrites it)
         if self.step == 0:
             self.save_grid("step-00000000.png")
             if eval_every:
@@ -279,16 +278,3 @@ class SFDTrainer:
         self.backend.finish()
         return records
 
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory since the last reset: on CUDA the allocator's allocated and reserved peaks (as
-    NVlabs/edm reports them per tick); on CPU the process's peak resident set size (not resettable)."""
-    if device.type == "cuda":
-        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
-                "peak_mem_reserved_bytes": int(torch.cuda.max_memory_reserved(device))}
-    return {"peak_mem_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}  # Linux: KiB
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)

@@ -54,3 +54,21 @@ def auto_cap_between(cfg_path, small: int, large: int, overrides=(), world: int 
     lo, hi = need(small)["need"], need(large)["need"]
     assert lo < hi
     return (lo + hi) / 2 / HEADROOM / 2 ** 30
+
+
+def fake_phase(generator, fake_score, schedule, draws, guidance, denom, n_targets=1):
+    """step.fake_score_phase called with explicit pieces (tests), through its PhaseContext."""
+    from sfd_fast.step import PhaseContext, fake_score_phase
+    ctx = PhaseContext(generator, fake_score, None, None, schedule, 0.0, guidance, 1.0, 1.0, denom,
+                       n_targets=n_targets)
+    return fake_score_phase(ctx, draws)
+
+
+def gen_phase(generator, fake_score_view, teacher, schedule, draws, alpha, guidance_fake, guidance_real, denom,
+              loss_fn=None, n_targets=1):
+    """step.generator_phase called with explicit pieces (tests), through its PhaseContext."""
+    from sfd_fast.losses import generator_loss
+    from sfd_fast.step import PhaseContext, generator_phase
+    ctx = PhaseContext(generator, None, fake_score_view, teacher, schedule, alpha, 1.0, guidance_fake,
+                       guidance_real, denom, loss_fn or generator_loss, n_targets)
+    return generator_phase(ctx, draws)

@@ -12,13 +12,24 @@ On a CPU machine nothing synchronises, so the recorder flags what WOULD on CUDA:
     CPU tensor that is not pinned into a non-CPU tensor.
 Ops inside `sfd_fast.engine.device.host_side()` regions are skipped: those tensors are on the host by
 construction (prompt choices from a CPU generator; host data staged by `host_to_device`, which pins it).
+
+Pageable uploads on a CPU machine: there host and device are one device, `t.to(device)` dispatches
+nothing and the copy rule above never fires. `UploadWatcher` (a TorchFunctionMode, entered with the
+recorder) therefore tracks which tensors are HOST tensors on any machine: made inside a host_side()
+region, by a factory call without `device=` (torch.zeros(n) is a CPU tensor on a CUDA run too), from
+Python or numpy data, or computed from host tensors only. Moving one to a device (`.to(device)`,
+`.cuda()`, `copy_` into a non-host tensor) outside host_side() without pinned memory and
+non_blocking=True is reported as the pageable upload it is on CUDA. The same mode sees `.tolist()`
+and `.numpy()` of a device tensor, which on a CPU tensor dispatch no op at all.
 """
 from __future__ import annotations
 
 import traceback
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from sfd_fast.engine.device import in_host_side
 
@@ -61,20 +72,109 @@ def why_sync(func, args, kwargs) -> str | None:
     return None
 
 
+def _where() -> str:
+    frames = [f for f in traceback.extract_stack() if ("/sfd_fast/" in f.filename or "/tests/" in f.filename)
+              and not f.filename.endswith("sync_detector.py")]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
 class SyncRecorder(TorchDispatchMode):
     """Records (op, reason, where) for every op that would synchronise on CUDA."""
 
     def __init__(self):
         super().__init__()
         self.found: list[tuple[str, str, str]] = []
+        self.uploads = UploadWatcher(self.found)
+
+    def __enter__(self):
+        self.uploads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.uploads.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not in_host_side():
             reason = why_sync(func, args, kwargs)
             if reason is not None:
-                frames = [f for f in traceback.extract_stack()[:-1] if "/sfd_fast/" in f.filename
-                          or "/tests/" in f.filename]
-                where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-                self.found.append((str(func), reason, where))
+                self.found.append((str(func), reason, _where()))
         return func(*args, **kwargs)
+
+
+# factories that make a CPU tensor on every machine when called without device=
+HOST_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.randn, torch.rand,
+                  torch.randint, torch.randperm, torch.linspace, torch.tensor, torch.as_tensor,
+                  torch.from_numpy, torch.stack, torch.cat}
+_HOST_MARK = "_sfd_host_tensor"
+HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy}
+
+
+def _tensors(obj) -> list:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def is_host(t: torch.Tensor) -> bool:
+    return bool(getattr(t, _HOST_MARK, False))
+
+
+class UploadWatcher(TorchFunctionMode):
+    """Host tensors and their moves to a device; see the module docstring."""
+
+    def __init__(self, found: list):
+        super().__init__()
+        self.found = found
+
+    def _upload_reason(self, func, args, kwargs) -> str | None:
+        if func is torch.Tensor.copy_:
+            dst, src = args[0], args[1]
+            pinned_async = src.is_pinned() and (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
+            return None if not is_host(src) or is_host(dst) or pinned_async else "pageable host-to-device copy_"
+        src = args[0]
+        if not isinstance(src, torch.Tensor) or not is_host(src):
+            return None
+        if not _has_device_target(func, args, kwargs):
+            return None                          # a dtype cast stays on the host
+        non_blocking = kwargs.get("non_blocking") or any(a is True for a in args[1:])
+        if src.is_pinned() and non_blocking:
+            return None
+        return "host tensor moved to the device from pageable memory (or blocking)"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not in_host_side() and func in HOST_READS and not is_host(args[0]):
+            # .tolist() / .numpy() of a CPU tensor dispatch no op (no _local_scalar_dense): seen here
+            self.found.append((func.__name__, "reads a device value on the host", _where()))
+        if not in_host_side() and func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_):
+            reason = self._upload_reason(func, args, kwargs)
+            if reason is not None:
+                self.found.append((getattr(func, "__name__", str(func)), reason, _where()))
+        out = func(*args, **kwargs)
+        if func in (torch.Tensor.to, torch.Tensor.cuda) and _has_device_target(func, args, kwargs):
+            # the result lives on the device (on CPU it is often the same object as the source: it
+            # then counts as uploaded, so a later .to(device) of it is not reported: a miss, never
+            # a false report)
+            _mark(out, False)
+            return out
+        inputs = _tensors((args, kwargs))
+        if in_host_side() or (inputs and all(is_host(t) for t in inputs)) or (
+                not inputs and func in HOST_FACTORIES and kwargs.get("device") is None):
+            _mark(out, True)
+        return out
+
+
+def _has_device_target(func, args, kwargs) -> bool:
+    if func is torch.Tensor.cuda:
+        return True
+    return kwargs.get("device") is not None or any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
+
+
+def _mark(out, host: bool) -> None:
+    for t in _tensors(out):
+        try:
+            setattr(t, _HOST_MARK, host)
+        except (AttributeError, RuntimeError):
+            pass

@@ -23,8 +23,9 @@ if str(BENCH) not in sys.path:
 
 import sd_parts  # noqa: E402
 from baseline_step import BaselineSFD, BranchDraws  # noqa: E402
-from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase, STAT_SUM  # noqa: E402
+from sfd_fast.step import PhaseDraws, STAT_SUM  # noqa: E402
 from sfd_fast.conditions import PhaseConditions  # noqa: E402
+from tests.helpers import fake_phase, gen_phase
 
 B = 2
 
@@ -94,7 +95,7 @@ def test_fake_score_phase_matches_baseline(setup):
     sd, tr, base = setup
     ir, jf, z, noise, t = _draws(sd, 0)
     tr.fake_score.zero_grad(set_to_none=True)
-    loss, stats = fake_score_phase(tr.generator, tr.fake_score, tr.schedule,
+    loss, stats = fake_phase(tr.generator, tr.fake_score, tr.schedule,
                                    _fast_draws(sd, tr.parts.task, ir, jf, z, noise, t), 4.5, B)
     loss.backward()
     base.fake_score.zero_grad(set_to_none=True)
@@ -111,7 +112,7 @@ def test_generator_phase_matches_baseline(setup):
     ir, jf, z, noise, t = _draws(sd, 1)
     tr.generator.zero_grad(set_to_none=True)
     tr.fake_score.zero_grad(set_to_none=True)
-    loss, stats = generator_phase(tr.generator, tr.backend.fake_score_view, tr.teacher, tr.schedule,
+    loss, stats = gen_phase(tr.generator, tr.backend.fake_score_view, tr.teacher, tr.schedule,
                                   _fast_draws(sd, tr.parts.task, ir, jf, z, noise, t), 1.0, 4.5, 4.5, B)
     loss.backward()
     # FrozenView: no fake-score weight gradients from the generator phase

@@ -19,12 +19,13 @@ from sfd_fast.denoisers import ClassCondDenoiser, FrozenView
 from sfd_fast.generator import OneStepGenerator
 from sfd_fast.losses import generator_loss
 from sfd_fast.schedules import VPSchedule
-from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase
+from sfd_fast.step import PhaseDraws
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 from ddpm_baseline_step import BaselineDDPMSFD  # noqa: E402
+from tests.helpers import fake_phase, gen_phase
 
 B, SHAPE, COEFS, FORGET, OVERRIDE = 3, (3, 16, 16), (1.0, 0.01, 1.0, 0.01), 0, 1
 
@@ -79,7 +80,7 @@ def test_fake_score_phase_matches_reference(nets):
     fast, base = nets
     c, forget, z, e, t, cond, coef = _draws()
     fast["fake"].zero_grad(set_to_none=True)
-    loss, _ = fake_score_phase(fast["gen"], fast["fake"], fast["sched"], PhaseDraws(z, e, t, cond, coef(1.0, 0.01)),
+    loss, _ = fake_phase(fast["gen"], fast["fake"], fast["sched"], PhaseDraws(z, e, t, cond, coef(1.0, 0.01)),
                                1.0, B)
     loss.backward()
     base.sg_model.zero_grad(set_to_none=True)
@@ -98,7 +99,7 @@ def test_generator_phase_matches_reference(nets):
     fast, base = nets
     c, forget, z, e, t, cond, coef = _draws()
     fast["gen"].zero_grad(set_to_none=True)
-    loss, _ = generator_phase(fast["gen"], FrozenView(fast["fake"]), fast["teacher"], fast["sched"],
+    loss, _ = gen_phase(fast["gen"], FrozenView(fast["fake"]), fast["teacher"], fast["sched"],
                               PhaseDraws(z, e, t, cond, coef(1.0, 0.01)), 1.2, 1.0, 1.0, B, generator_loss)
     loss.backward()
     base.sg_model.eval().requires_grad_(False)

@@ -24,8 +24,9 @@ from sfd_fast.denoisers import FrozenView
 from sfd_fast.edm.build import set_dropout
 from sfd_fast.edm.denoiser import EDMDenoiser, SigmaGridSchedule, SigmaOneStepGenerator
 from sfd_fast.schedules import edm_sigmas_from_u
-from sfd_fast.step import PhaseDraws, fake_score_phase, generator_phase
+from sfd_fast.step import PhaseDraws
 from tests.edm_helpers import tiny_vp
+from tests.helpers import fake_phase, gen_phase
 
 N, SHAPE, SIGMA_INIT, SD = 5, (3, 8, 8), 2.5, 0.5
 
@@ -69,7 +70,7 @@ def test_generator_phase_matches_sid_generator_loss(seed):
     fake_den, teacher_den = EDMDenoiser(fake, sched, 10), EDMDenoiser(teacher, sched, 10)
     torch.testing.assert_close(generator(z, labels), x_g, rtol=0, atol=0)    # SiD's generator exactly
     draws = PhaseDraws(z, noise, torch.arange(N), _cond(labels), torch.ones(N))
-    loss, _ = generator_phase(generator, FrozenView(fake_den), teacher_den, sched, draws, 1.2, 1.0, 1.0, denom=1.0)
+    loss, _ = gen_phase(generator, FrozenView(fake_den), teacher_den, sched, draws, 1.2, 1.0, 1.0, 1.0)
     assert loss.item() == pytest.approx(sid_total.item(), rel=1e-4)
     # (map_augment is unused without augment labels: its gradient is 0, as SiD's with all-zero labels)
     grads = torch.autograd.grad(loss, list(gen.parameters()), allow_unused=True)
@@ -99,7 +100,7 @@ def test_fake_score_phase_matches_sid_loss_up_to_its_weighting(seed):
     s2 = sigma.flatten().double() ** 2
     coef = ((s2 + SD ** 2) / SD ** 2).float()          # lambda(sigma) sigma^2: SiD's weight over the engine's
     draws = PhaseDraws(z, noise, torch.arange(N), _cond(labels), coef)
-    loss, _ = fake_score_phase(generator, EDMDenoiser(fake, sched, 10), sched, draws, 1.0, denom=1.0)
+    loss, _ = fake_phase(generator, EDMDenoiser(fake, sched, 10), sched, draws, 1.0, 1.0)
     assert loss.item() == pytest.approx(sid_total.item(), rel=1e-4)
     grads = torch.autograd.grad(loss, list(fake.parameters()), allow_unused=True)
     ours = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(fake.named_parameters(), grads)}

@@ -16,8 +16,9 @@ from sfd_fast.digits.model import DigitsEpsMLP
 from sfd_fast.generator import OneStepGenerator
 from sfd_fast.losses import fake_score_loss, fake_score_weight
 from sfd_fast.schedules import VPSchedule
-from sfd_fast.step import fake_score_phase
+
 from tests.test_step import _draws
+from tests.helpers import fake_phase
 
 
 def _schedule(prediction):
@@ -104,7 +105,7 @@ class X0AsOutput(nn.Module):
 def _fake_score_grads(prediction, x0_net, generator, draws, guidance):
     sched = _schedule(prediction)
     fake = ClassCondDenoiser(X0AsOutput(copy.deepcopy(x0_net), sched), sched, 10)
-    loss, stats = fake_score_phase(generator, fake, sched, draws, guidance, denom=6.0)
+    loss, stats = fake_phase(generator, fake, sched, draws, guidance, 6.0)
     loss.backward()
     return loss.detach(), stats, [p.grad for p in fake.net.x0_net.parameters()]
 

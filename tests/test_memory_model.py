@@ -6,9 +6,10 @@ import torch
 from sfd_fast.config import load_config
 from sfd_fast.sd.build import build_parts as build_sd_parts, store_frozen_in_bf16
 from sfd_fast.sd.tiny import build_tiny_sd
-from sfd_fast.step import draw_phase, fake_score_phase, generator_phase
+from sfd_fast.step import draw_phase
 from sfd_fast.denoisers import FrozenView
 from tests.test_sd_run import sd_config
+from tests.helpers import fake_phase, gen_phase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,9 +29,9 @@ def _phase_losses(parts, cfg, seeds=(0, 1, 2), autocast=True):
             d = draw_phase(parts.task, rng, 2, 2, parts.sample_shape, s.t_min, s.t_max, 1.0, 1.0, "cpu", phase)
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 if phase == "fake_score":
-                    _, st = fake_score_phase(parts.generator, parts.fake_score, parts.teacher.schedule, d, 4.5, 2)
+                    _, st = fake_phase(parts.generator, parts.fake_score, parts.teacher.schedule, d, 4.5, 2)
                 else:
-                    _, st = generator_phase(parts.generator, FrozenView(parts.fake_score), parts.teacher,
+                    _, st = gen_phase(parts.generator, FrozenView(parts.fake_score), parts.teacher,
                                             parts.teacher.schedule, d, 1.0, 4.5, 4.5, 2)
             out.append(st[:, 0].float())   # remain and forget loss sums (STAT_SUM of each group)
     return torch.stack(out)

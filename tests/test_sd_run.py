@@ -21,10 +21,11 @@ from sfd_fast.sd.prompts import ForgetPromptSet, RemainPromptSet
 from sfd_fast.sd.tiny import build_tiny_sd
 from sfd_fast.sd.build import build_parts as build_sd_parts, make_task
 from sfd_fast.sd.sampling import sample_latents
-from sfd_fast.step import PhaseDraws, draw_phase, fake_score_phase, generator_phase
+from sfd_fast.step import PhaseDraws, draw_phase
 from sfd_fast.conditions import PhaseConditions
 from sfd_fast.sd.text import TextForgetTask
 from sfd_fast.trainer import SFDTrainer
+from tests.helpers import fake_phase, gen_phase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,12 +82,12 @@ def test_cached_and_uncached_text_conditioning_give_the_same_losses(tmp_path, sd
             # batched vs per-role text-encoder calls: float32 rounding only
             torch.testing.assert_close(getattr(d_fast.cond, f), getattr(d_ref.cond, f), rtol=1e-5, atol=1e-5)
         if phase == "fake_score":
-            a, _ = fake_score_phase(parts.generator, parts.fake_score, parts.teacher.schedule, d_fast, 4.5, 3)
-            b, _ = fake_score_phase(parts.generator, parts.fake_score, parts.teacher.schedule, d_ref, 4.5, 3)
+            a, _ = fake_phase(parts.generator, parts.fake_score, parts.teacher.schedule, d_fast, 4.5, 3)
+            b, _ = fake_phase(parts.generator, parts.fake_score, parts.teacher.schedule, d_ref, 4.5, 3)
         else:
             args = (parts.teacher.schedule,)
-            a, _ = generator_phase(parts.generator, parts.fake_score, parts.teacher, *args, d_fast, 1.0, 4.5, 4.5, 3)
-            b, _ = generator_phase(parts.generator, parts.fake_score, parts.teacher, *args, d_ref, 1.0, 4.5, 4.5, 3)
+            a, _ = gen_phase(parts.generator, parts.fake_score, parts.teacher, *args, d_fast, 1.0, 4.5, 4.5, 3)
+            b, _ = gen_phase(parts.generator, parts.fake_score, parts.teacher, *args, d_ref, 1.0, 4.5, 4.5, 3)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -134,9 +135,9 @@ def test_remain_and_forget_batched_equals_separate_passes(tmp_path, sd_dirs):
             net = parts.fake_score if phase == "fake_score" else parts.generator
             net.zero_grad(set_to_none=True)
             if phase == "fake_score":
-                loss, _ = fake_score_phase(parts.generator, parts.fake_score, sch, dd, 4.5, n)
+                loss, _ = fake_phase(parts.generator, parts.fake_score, sch, dd, 4.5, n)
             else:
-                loss, _ = generator_phase(parts.generator, parts.fake_score, parts.teacher, sch, dd, 1.0, 4.5, 4.5, n)
+                loss, _ = gen_phase(parts.generator, parts.fake_score, parts.teacher, sch, dd, 1.0, 4.5, 4.5, n)
             loss.backward()
             losses.append(loss.detach())
             grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))

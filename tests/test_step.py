@@ -7,8 +7,9 @@ from sfd_fast.denoisers import ClassCondDenoiser, FrozenView
 from sfd_fast.generator import OneStepGenerator
 from sfd_fast.digits.model import DigitsEpsMLP
 from sfd_fast.schedules import VPSchedule
-from sfd_fast.step import STAT_N, STAT_NONFINITE, PhaseDraws, fake_score_phase, generator_phase
+from sfd_fast.step import STAT_N, STAT_NONFINITE, PhaseDraws
 from sfd_fast.conditions import ClassForgetTask
+from tests.helpers import fake_phase, gen_phase
 
 
 def _nets(seed=0):
@@ -76,9 +77,9 @@ def test_batched_equals_separate_passes():
             for sl in parts:
                 dd = _slice(d, sl)
                 if phase == "fake":
-                    loss, _ = fake_score_phase(gen, fake, teacher.schedule, dd, 1.0, denom)
+                    loss, _ = fake_phase(gen, fake, teacher.schedule, dd, 1.0, denom)
                 else:
-                    loss, _ = generator_phase(gen, FrozenView(fake), teacher, teacher.schedule, dd,
+                    loss, _ = gen_phase(gen, FrozenView(fake), teacher, teacher.schedule, dd,
                                               1.2, 1.0, 1.0, denom)
                 loss.backward()
                 total = total + loss.detach()
@@ -92,7 +93,7 @@ def test_batched_equals_separate_passes():
 def test_generator_phase_accumulates_no_fake_score_grads():
     teacher, fake, gen = _nets()
     d = _draws(4, 4, 2)
-    loss, _ = generator_phase(gen, FrozenView(fake), teacher, teacher.schedule, d, 1.2, 1.0, 1.0, 4.0)
+    loss, _ = gen_phase(gen, FrozenView(fake), teacher, teacher.schedule, d, 1.2, 1.0, 1.0, 4.0)
     loss.backward()
     assert all(p.grad is None for p in fake.parameters())
     assert all(p.grad is not None for p in gen.parameters())
@@ -116,7 +117,7 @@ def test_nan_row_is_masked_in_stats_and_loss():
     teacher, fake, gen = _nets()
     d = _draws(4, 4, 3)
     d.z[2] = float("nan")
-    loss, stats = generator_phase(gen, FrozenView(fake), teacher, teacher.schedule, d, 1.2, 1.0, 1.0, 4.0)
+    loss, stats = gen_phase(gen, FrozenView(fake), teacher, teacher.schedule, d, 1.2, 1.0, 1.0, 4.0)
     assert torch.isfinite(loss)
     assert stats[:, STAT_NONFINITE].tolist() == [1.0, 0.0]  # one non-finite row, a remain one
     assert stats[0, STAT_N].item() == 3.0 and stats[1, STAT_N].item() == 4.0  # finite remain / forget rows

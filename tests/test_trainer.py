@@ -20,19 +20,25 @@ def _final_weights(run_dir):
     return {name: load_file(str(ck / f"{name}.safetensors")) for name in ("generator", "fake_score")}, ck
 
 
-def test_resume_is_bit_exact(tmp_path):
-    cfg_path = tiny_digits_config(tmp_path, train={"total_steps": 6, "grad_accum": 2,
-                                                   "ema": {"halflife_kimg": 0.01}})
-    full = tmp_path / "full"
-    part = tmp_path / "part"
+def assert_split_run_resumes_bit_exact(tmp_path, cfg_path, total: int, split: int):
+    """`total` steps in one run vs `split` steps, then --resume to `total`: the same final weights.
+    Returns the two final checkpoint folders."""
+    full, part = tmp_path / "full", tmp_path / "part"
     train.main(["--config", str(cfg_path), "--run-dir", str(full)])
-    train.main(["--config", str(cfg_path), "--run-dir", str(part), "--set", "train.total_steps=3"])
-    train.main(["--resume", str(part), "--set", "train.total_steps=6"])
+    train.main(["--config", str(cfg_path), "--run-dir", str(part), "--set", f"train.total_steps={split}"])
+    train.main(["--resume", str(part), "--set", f"train.total_steps={total}"])
     (w_full, ck_full), (w_part, ck_part) = _final_weights(full), _final_weights(part)
-    assert ck_full.name == ck_part.name == "step-00000006"
+    assert ck_full.name == ck_part.name == f"step-{total:08d}"
     for role in w_full:
         for k in w_full[role]:
             assert torch.equal(w_full[role][k], w_part[role][k]), (role, k)
+    return ck_full, ck_part
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg_path = tiny_digits_config(tmp_path, train={"total_steps": 6, "grad_accum": 2,
+                                                   "ema": {"halflife_kimg": 0.01}})
+    ck_full, ck_part = assert_split_run_resumes_bit_exact(tmp_path, cfg_path, 6, 3)
     ema_a = load_file(str(ck_full / "generator_ema.safetensors"))
     ema_b = load_file(str(ck_part / "generator_ema.safetensors"))
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)

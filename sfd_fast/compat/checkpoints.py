@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import _fsync_dir, atomic_write_text, save_safetensors_atomic
+from ..checkpoint import _fsync_dir, atomic_write_json, save_safetensors_atomic
 
 __all__ = ["load_reference_snapshot", "load_reference_training_state", "convert_reference_checkpoint"]
 
@@ -152,7 +152,7 @@ def convert_reference_checkpoint(path, out, trust_pickle: bool = False, to: str 
                              f"to='safetensors'")
         tmp = _fresh_tmp(out)
         net.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_text(tmp / "sfd_compat_source.json", json.dumps(meta, indent=1))
+        atomic_write_json(tmp / "sfd_compat_source.json", meta)
         return _publish_dir(tmp, out)
     if hasattr(net, "config") and hasattr(net.config, "items"):
         meta["config"] = json.dumps(dict(net.config), default=str)

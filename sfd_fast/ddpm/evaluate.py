@@ -164,7 +164,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
     import logging
     import sys
 
-    from ..checkpoint import atomic_write_text
+    from ..checkpoint import atomic_write_json
     from ..conditions import forget_targets
     from ..evaluation.fid import INSTALL_HINT, torchmetrics_available
     from .sample import sample_to_folder
@@ -193,7 +193,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
         result.update(fid_inception_score(folder, d.fid_real_dir, d.inception_weights, fid_classes,
                                           device=trainer.device, progress=cfg.train.progress and sys.stderr.isatty(),
                                           keys=("ddpm.fid_real_dir", "ddpm.inception_weights")))
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
+    atomic_write_json(run_dir / "eval.json", result)
     for line in result["skipped"]:
         log.info("eval skipped: %s", line)
     if "ua" in result:
@@ -244,9 +244,9 @@ def main(argv=None) -> int:
                                               a.device, a.batch_size, a.is_splits, progress=True))
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
-    from ..checkpoint import atomic_write_text
+    from ..checkpoint import atomic_write_json
     out = Path(a.out) if a.out else Path(a.images) / "eval.json"
-    atomic_write_text(out, json.dumps(result, indent=1))
+    atomic_write_json(out, result)
     print(json.dumps(result))
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_json
 from ..denoisers import ClassCondDenoiser, Denoiser
 from ..evaluation.frechet import frechet_distance
 from ..generator import OneStepGenerator
@@ -156,7 +156,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
                               cfg.sfd.num_classes, cfg.eval.samples_per_class, cfg.eval.teacher_steps)
     metrics["classifier_accuracy"] = clf_meta["heldout_accuracy"]
     metrics["step"] = trainer.step
-    atomic_write_text(run_dir / "eval.json", json.dumps(metrics, indent=1))
+    atomic_write_json(run_dir / "eval.json", metrics)
     grid = run_dir / "samples_final.png"
     parts.save_grid(trainer.generator_ema, grid)
     log.info("eval: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))

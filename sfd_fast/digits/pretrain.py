@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write_text, check_finite, save_safetensors_atomic
+from ..checkpoint import atomic_write_json, check_finite, save_safetensors_atomic
 from ..config import Config
 from ..schedules import VPSchedule
 from .data import load_digits_tensors, train_test_split
@@ -110,7 +110,7 @@ def train_digits_classifier(cfg: Config, out: Path) -> dict:
         acc = (clf(x[te]).argmax(1) == y[te]).float().mean().item()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(clf.state_dict(), out, metadata={"heldout_accuracy": f"{acc:.6f}"})
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"heldout_accuracy": acc, "test_size": int(te.shape[0])}))
+    atomic_write_json(out.with_suffix(".json"), {"heldout_accuracy": acc, "test_size": int(te.shape[0])}, indent=None)
     log.info("digits classifier held-out accuracy %.4f (%d test images)", acc, te.shape[0])
     return {"heldout_accuracy": acc}
 

@@ -3,7 +3,6 @@ EMA generator's samples (the ddpm family's evaluation functions; spec §4.4). St
 `sfd-fast sample --run D ...` then `sfd-fast eval-ddpm --images DIR ...` (docs/edm.md)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
     """UA (edm.classifier) and FID / IS (edm.fid_real_dir + edm.inception_weights) -> eval.json."""
     import sys
 
-    from ..checkpoint import atomic_write_text
+    from ..checkpoint import atomic_write_json
     from ..conditions import forget_targets
     from ..ddpm.evaluate import FID_SKIPPED, fid_inception_score, load_classifier, unlearning_accuracy
     from ..ddpm.sample import sample_to_folder
@@ -42,7 +41,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
         result.update(fid_inception_score(folder, e.fid_real_dir, e.inception_weights, fid_classes,
                                           device=trainer.device, progress=cfg.train.progress and sys.stderr.isatty(),
                                           keys=("edm.fid_real_dir", "edm.inception_weights")))
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1))
+    atomic_write_json(run_dir / "eval.json", result)
     for line in result["skipped"]:
         log.info("eval skipped: %s", line)
     return {"eval": result}

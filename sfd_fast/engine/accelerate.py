@@ -1,12 +1,11 @@
-"""Acceleration, applied in one place and in a fixed order (ARCHITECTURE.md property 4):
-precision -> attention backend -> activation checkpointing -> torch.compile -> backend
-(`accelerate(trainer)` at the bottom of this file; the backend is engine/plain.py or engine/deepspeed.py).
+"""The acceleration helpers: the attention policy, activation checkpointing, the loss-kernel choice,
+torch.compile, the device numerics flags and the preflight of explicit requests.
 
-Each switch has an 'off' position that is a tested path.
+They do the work; engine/plan.py decides, in one fixed order, which of them a run uses (ARCHITECTURE.md
+property 4) and is the only caller. Each switch has an 'off' position that is a tested path.
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -144,13 +143,36 @@ def compile_phases(fake_score_phase, generator_phase, engine_cfg, backend: str |
     return torch.compile(fake_score_phase, **kwargs), torch.compile(generator_phase, **kwargs)
 
 
+# cuBLAS picks a reduction split per call unless its workspace is fixed; this value is the one the
+# CUDA and torch docs give for reproducible GEMMs (":16:8" uses less memory and is slower)
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_determinism(engine_cfg) -> dict:
+    """engine.deterministic: the settings under which a CUDA run repeats bit for bit (and so a
+    resumed run continues bit for bit): cudnn.benchmark off (autotuning may pick another kernel in
+    another process), cudnn.deterministic, torch.use_deterministic_algorithms (warn_only: an op that
+    has no deterministic CUDA implementation logs a warning naming itself instead of stopping the
+    run) and CUBLAS_WORKSPACE_CONFIG (set before the first cuBLAS call: preflight and accelerate()
+    both call this). Cost: the convolutions lose autotuning and some ops (scatter/index_add
+    backward) take slower deterministic paths. On CPU every op used here is deterministic already."""
+    if not getattr(engine_cfg, "deterministic", False):
+        return {}
+    import os
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return {"deterministic": True, "cublas_workspace": os.environ["CUBLAS_WORKSPACE_CONFIG"]}
+
+
 def set_device_flags(nets: list, engine_cfg, device: torch.device) -> dict:
     """cudnn.benchmark on CUDA (the UNet's convolutions run at fixed shapes: autotuned once, as the
-    reference's training loop does); channels_last on the UNets when engine.channels_last (off by
-    default: unmeasured on a GPU, and a CPU timing of the tiny UNet says nothing about GPU
-    convolution layouts; docs/performance.md)."""
-    done = {}
-    if device.type == "cuda":
+    reference's training loop does) unless engine.deterministic; channels_last on the UNets when
+    engine.channels_last (off by default: unmeasured on a GPU, and a CPU timing of the tiny UNet
+    says nothing about GPU convolution layouts; docs/performance.md)."""
+    done = set_determinism(engine_cfg)
+    if device.type == "cuda" and not done:
         torch.backends.cudnn.benchmark = True
         done["cudnn_benchmark"] = True
     if getattr(engine_cfg, "channels_last", False):
@@ -177,6 +199,7 @@ def check_xformers(device: torch.device | None = None):
 def preflight(cfg, device: torch.device | None = None):
     """Every 'explicit request' of the engine section, checked before any model is built."""
     e = cfg.engine
+    set_determinism(e)     # before anything can create a cuBLAS handle
     if e.backend == "deepspeed":
         from .distributed import validate_world, world_size_from_env
         validate_world(cfg, world_size_from_env())
@@ -282,40 +305,4 @@ def apply_attention_and_checkpointing(nets: list, engine_cfg, device: torch.devi
         applied[role] = done
     if any(applied.values()):
         log.info("attention/checkpointing: %s", applied)
-    return applied
-
-
-# --------------------------------------------------------------------------------------------------
-# THE ordered function
-# --------------------------------------------------------------------------------------------------
-
-def accelerate(trainer) -> dict:
-    """Apply `engine.*` to a freshly built SFDTrainer, once, in this order:
-
-      1. precision   bf16 autocast around each phase, fp32 master weights (trainer.autocast)
-      2. attention   one policy (resolve_attention) on every UNet, the EMA copy included
-      3. activation checkpointing on the teacher, fake score and generator
-      4. cudnn.benchmark (CUDA), channels_last (engine.channels_last)
-      5. torch.compile of each network's backbone (after the EMA copy: it stays eager), or of each
-         whole phase (engine.compile_phase): trainer.fake_score_phase_fn / generator_phase_fn
-    The distributed wrapper (DeepSpeed engines) comes after, in the backend (make_backend).
-    Returns what was applied, for the log and --dry-run."""
-    e = trainer.cfg.engine
-    nets = [("teacher", trainer.teacher.net), ("fake_score", trainer.fake_score.net),
-            ("generator", trainer.generator.net)]
-    applied = {"precision": e.precision}
-    applied.update(apply_attention_and_checkpointing(nets, e, trainer.device))
-    if trainer.ema_enabled:
-        ema_net = trainer.generator_ema.net
-        if hasattr(ema_net, "set_attn_processor"):
-            no_ckpt = copy.copy(e)
-            no_ckpt.activation_checkpointing = False   # the EMA copy never runs a backward
-            applied.update({"generator_ema": apply_attention_and_checkpointing(
-                [("generator_ema", ema_net)], no_ckpt, trainer.device)["generator_ema"]})
-    applied.update(set_device_flags(nets, e, trainer.device))
-    compiled = compile_networks([trainer.teacher, trainer.fake_score, trainer.generator.denoiser], e)
-    applied["compiled"] = len(compiled)
-    from ..step import fake_score_phase, generator_phase
-    trainer.fake_score_phase_fn, trainer.generator_phase_fn = compile_phases(fake_score_phase, generator_phase, e)
-    applied["compile_phase"] = bool(getattr(e, "compile_phase", False))
     return applied

@@ -29,9 +29,8 @@ from typing import Callable
 
 import torch
 
-from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
 from ..errors import UserError
-from ..step import draw_phase
+from ..step import PhaseContext, draw_phase
 from .memory import cap_note, memory_limit
 from .memory_model import micro_batch_estimator
 
@@ -109,29 +108,26 @@ def probe_step(trainer, micro: int) -> int | None:
     the accumulated gradients are resident, so that is the peak the probe must show."""
     cfg, s, dev = trainer.cfg, trainer.cfg.sfd, trainer.device
     rng = torch.Generator(device=dev).manual_seed(cfg.run.seed)   # the probe's own stream
-    task, shape, n_targets = trainer.parts.task, trainer.parts.sample_shape, len(trainer.target_names)
+    task, shape = trainer.parts.task, trainer.parts.sample_shape
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     _allocate_grads(trainer.fake_score)
     d = draw_phase(task, rng, micro, micro if s.sg_forget_coef > 0 else 0, shape, s.t_min, s.t_max,
                    s.sg_remain_coef, s.sg_forget_coef, dev, "fake_score")
+    frozen = trainer.frozen_fake_score            # decided by the plan (denoisers.FrozenFakeScore)
+    ctx = PhaseContext.for_trainer(trainer, trainer.generator, trainer.fake_score, frozen.view, micro)
     with trainer.autocast():
-        loss, _ = trainer.fake_score_phase_fn(trainer.generator, trainer.fake_score, trainer.schedule, d,
-                                              s.cfg_train_fake, micro, n_targets)
+        loss, _ = trainer.fake_score_phase_fn(ctx, d)
     loss.backward()
     del loss, d
     drop_grads(trainer)                     # the trainer's update sets them to None, too
-    freeze = needs_frozen_parameters(trainer.fake_score)
-    view = trainer.fake_score if freeze else FrozenView(trainer.fake_score)
     _allocate_grads(trainer.generator)
-    with frozen_if(freeze, trainer.fake_score):
+    with frozen.during():
         d = draw_phase(task, rng, micro, micro if s.g_forget_coef > 0 else 0, shape, s.t_min, s.t_max,
                        s.g_remain_coef, s.g_forget_coef, dev, "generator")
         with trainer.autocast():
-            loss, _ = trainer.generator_phase_fn(trainer.generator, view, trainer.teacher, trainer.schedule,
-                                                 d, s.alpha, s.cfg_eval_fake, s.cfg_eval_real, micro,
-                                                 trainer.loss_fn, n_targets)
+            loss, _ = trainer.generator_phase_fn(ctx, d)
         loss.backward()
     del loss, d
     return int(torch.cuda.max_memory_allocated(dev)) if cuda else None

@@ -7,10 +7,11 @@ as in the plain backend; what changes (docs/deepspeed_findings.md has the probe 
     called through `engine_F` (its forward is `Denoiser.output`); `engine_F.backward/step` per micro
     batch (DeepSpeed scales by 1/accumulation and steps at the boundary).
   * generator phase: the fake score is evaluated WITHOUT its engine's forward (engine_F(x) there
-    registers backward hooks that break or silently corrupt the generator's backward). ZeRO 0-2: the
-    core's FrozenView (functional_call with detached weights). ZeRO-3: the weights are partitioned
-    and functional_call fails (`'Tensor' object has no attribute 'ds_id'`), so requires_grad is
-    toggled off on the fake score and `engine_F.module` is called (restored in a finally block).
+    registers backward hooks that break or silently corrupt the generator's backward). The plan's
+    FrozenFakeScore (denoisers.py) decides how: ZeRO 0-2 FrozenView (functional_call with detached
+    weights); ZeRO-3 partitions the weights and functional_call fails (`'Tensor' object has no
+    attribute 'ds_id'`), so requires_grad is toggled off on the fake score and the module is called
+    directly (restored in a finally block).
   * NaN robustness: the client optimizer checks its own gradients (under ZeRO: the averaged fp32
     partition), all-reduces the flag and skips the update on every rank (engine/optim.py NonfiniteGuard);
     the skipped-update counter is the trainer's, as in the plain backend.
@@ -31,10 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import (atomic_write_text, check_finite, crash_point, publish_checkpoint_dir,
+from ..checkpoint import (atomic_write_json, check_finite, crash_point, publish_checkpoint_dir, read_tensors,
                           save_safetensors_atomic)
 from ..conditions import PhaseConditions
-from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
 from ..step import PhaseDraws, draw_phase
 from .distributed import barrier, build_deepspeed_config, validate_world
 from .optim import NonfiniteGuard, make_optimizer
@@ -62,16 +62,6 @@ class _EngineOutput:
 
     def output(self, x_t, t, cond, uncond=None, guidance: float = 1.0):
         return self.engine(x_t, t, cond, uncond, guidance)
-
-
-class _ModuleX0:
-    """ZeRO-3 generator phase: call the (requires_grad-toggled) module directly, never the engine."""
-
-    def __init__(self, denoiser):
-        self.denoiser = denoiser
-
-    def x0(self, x_t, t, cond, uncond=None, guidance: float = 1.0):
-        return self.denoiser.x0(x_t, t, cond, uncond, guidance)
 
 
 def _meta_skeleton(generator: nn.Module) -> nn.Module:
@@ -163,10 +153,9 @@ class DeepSpeedBackend:
         self.engines = {"generator": self.engine_G, "fake_score": self.engine_F}
         self.phase_generator = self.engine_G
         self.phase_fake_score = _EngineOutput(self.engine_F)
-        # generator phase view of the fake score (see the module docstring)
-        # (ZeRO-3 and diffusers activation checkpointing: requires_grad off for the generator phase)
-        self.freeze_fake_score = self.zero_stage == 3 or needs_frozen_parameters(t.fake_score)
-        self.fake_score_view = _ModuleX0(t.fake_score) if self.freeze_fake_score else FrozenView(t.fake_score)
+        # generator phase view of the fake score: the plan's FrozenFakeScore (see the module docstring),
+        # never engine_F's forward
+        self.fake_score_view = t.frozen_fake_score.view
         self._ds_skips_seen = {r: 0 for r in ROLES}
         if self.is_rank0:
             log.info("deepspeed: world %d, ZeRO-%d, %s, optimizer %s, micro batch %d x accumulation %d x "
@@ -180,7 +169,7 @@ class DeepSpeedBackend:
         t = self.trainer
         if self.is_rank0 and t.run_dir is not None:
             for r, d in self.ds_configs.items():
-                atomic_write_text(t.run_dir / f"deepspeed_{r}.json", json.dumps(d, indent=1))
+                atomic_write_json(t.run_dir / f"deepspeed_{r}.json", d)
                 log.info("deepspeed %s config: %s", r, json.dumps(d))
 
     def draw(self, phase: str, remain_coef: float, forget_coef: float) -> PhaseDraws:
@@ -212,7 +201,7 @@ class DeepSpeedBackend:
             self._ds_skips_seen[role] = now
 
     def generator_phase(self):
-        return frozen_if(self.freeze_fake_score, self.trainer.fake_score)
+        return self.trainer.frozen_fake_score.during()
 
     @contextlib.contextmanager
     def ema_pairs(self):
@@ -322,13 +311,12 @@ class DeepSpeedBackend:
             save_safetensors_atomic(rng, tmp / "rng.safetensors")
             state = {**state, "backend": "deepspeed", "world_size": self.world, "zero_stage": self.zero_stage,
                      "rng_mode": self.rng_mode, "optimizers": {"deepspeed": ["ds_generator", "ds_fake_score"]}}
-            atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
+            atomic_write_json(tmp / "trainer_state.json", state)
             publish_checkpoint_dir(tmp, ckpt_root, name)
         barrier()
         return final
 
     def load(self, ckpt: Path) -> dict:
-        from safetensors.torch import load_file
         t = self.trainer
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if state.get("backend") != "deepspeed":
@@ -340,12 +328,12 @@ class DeepSpeedBackend:
         for role in ("generator", "fake_score", "generator_ema"):   # the exports mirror the engines' weights
             f = ckpt / f"{role}.safetensors"
             if f.is_file():
-                check_finite(load_file(str(f)), f"checkpoint {f}")
+                check_finite(read_tensors(f), f"checkpoint {f}")
         self.engine_G.load_checkpoint(str(ckpt / "ds_generator"), tag="state")
         self.engine_F.load_checkpoint(str(ckpt / "ds_fake_score"), tag="state")
         if t.ema_enabled:
-            self._load_full_into(t.generator_ema.net, load_file(str(ckpt / "generator_ema.safetensors")))
-        rng = load_file(str(ckpt / "rng.safetensors"))
+            self._load_full_into(t.generator_ema.net, read_tensors(ckpt / "generator_ema.safetensors"))
+        rng = read_tensors(ckpt / "rng.safetensors")
         t.rng.set_state(rng[f"rng_rank{self.rank}"] if self.rng_mode == "per_rank" else rng["rng"])
         if f"task_rng_rank{self.rank}" in rng and hasattr(t.parts.task, "set_rng_state"):
             t.parts.task.set_rng_state(rng[f"task_rng_rank{self.rank}"])

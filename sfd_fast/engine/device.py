@@ -77,4 +77,5 @@ def host_to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
         host = torch.as_tensor(data, dtype=dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    with host_side():      # CPU: the host tensor is the device tensor, nothing is copied
+        return host.to(device)

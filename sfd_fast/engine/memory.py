@@ -24,6 +24,7 @@ message instead of the OOM killer or an allocator traceback, never a tiny run.
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
 
@@ -139,3 +140,18 @@ def check_memory(cfg, parts, device, world: int = 1) -> dict:
 def cap_note(cfg) -> str:
     cap = cfg.engine.memory_limit_gib
     return "" if cap is None else f" (engine.memory_limit_gib={cap:g} caps it)"
+
+
+def peak_memory(device) -> dict:
+    """Peak memory since the last reset_peak_memory, shared by the trainer's tick and the benches: on
+    CUDA the allocator's allocated and reserved peaks (as NVlabs/edm reports them per tick); on CPU
+    the process's peak resident set size (ru_maxrss: not resettable, an upper bound for later work)."""
+    if torch.device(device).type == "cuda":
+        return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_mem_reserved_bytes": int(torch.cuda.max_memory_reserved(device))}
+    return {"peak_mem_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}  # Linux: KiB
+
+
+def reset_peak_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

@@ -239,9 +239,9 @@ def measure_activations(cfg, parts, device, rows=(1, 2)) -> dict:
 
     Draws come from a private generator and the task's own RNG state is restored, so the run's
     random and prompt streams do not move (as engine/memory.py's probe)."""
-    from ..denoisers import FrozenView
+    from ..denoisers import FrozenFakeScore
     from ..losses import generator_loss
-    from ..step import draw_phase, fake_score_phase, generator_phase
+    from ..step import PhaseContext, draw_phase, fake_score_phase, generator_phase
     from .device import autocast_context
     s, e = cfg.sfd, cfg.engine
     nets = networks(parts)
@@ -255,16 +255,14 @@ def measure_activations(cfg, parts, device, rows=(1, 2)) -> dict:
         with _checkpointing_off([nets[r] for r in ("teacher",) + ROLES]), _trained_in([nets[r] for r in ROLES], ds_bf16):
             for n in rows:
                 rng = torch.Generator(device=device).manual_seed(0)
+                view = FrozenFakeScore.for_run(parts.fake_score).view   # checkpointing is off here
+                ctx = PhaseContext(parts.generator, parts.fake_score, view, parts.teacher, schedule, s.alpha,
+                                   s.cfg_train_fake, s.cfg_eval_fake, s.cfg_eval_real, 2 * n, generator_loss)
                 for phase in ROLES:
                     d = draw_phase(parts.task, rng, n, n, parts.sample_shape, s.t_min, s.t_max, 1.0, 1.0,
                                    device, phase)
-                    if phase == "fake_score":
-                        fn = lambda: fake_score_phase(parts.generator, parts.fake_score, schedule, d,  # noqa: E731
-                                                      s.cfg_train_fake, 2 * n)
-                    else:
-                        fn = lambda: generator_phase(parts.generator, FrozenView(parts.fake_score),  # noqa: E731
-                                                     parts.teacher, schedule, d, s.alpha, s.cfg_eval_fake,
-                                                     s.cfg_eval_real, 2 * n, generator_loss)
+                    phase_fn = fake_score_phase if phase == "fake_score" else generator_phase
+                    fn = lambda: phase_fn(ctx, d)  # noqa: E731
                     with torch.enable_grad(), autocast_context(e.precision, device):
                         out[phase][n] = trace_saved(fn, units, exclude)
     finally:

@@ -6,8 +6,14 @@ network. Every optimizer it returns honours the trainer's skip protocol: the cal
 state exactly unchanged.
 
   adam      torch.optim.Adam(fused=True): the flag is consumed inside the fused kernel (no host sync).
-  adam8bit  bitsandbytes Adam8bit: bnb has no found_inf input, so the flag is read on the host
-            (one sync per update, only with this optimizer).
+  adam8bit  bitsandbytes Adam8bit: bnb has no found_inf input, so the skip is applied per tensor on
+            the device: the tensor and its state are copied, bnb updates them, and a set flag
+            selects the copies back (torch.where: no host read). The extra traffic is one copy of
+            the largest tensor's weights and state at a time. bnb's own step() also calls
+            torch.cuda.synchronize() after every tensor (bitsandbytes 0.50, for paged optimizers);
+            the loop here leaves that out for the non-paged Adam8bit it builds. One difference from
+            the fused path: bnb keeps the step count (bias correction) as a host int, so a skipped
+            update still counts as a step there; weights and both moments are exactly unchanged.
 
 With `guard=NonfiniteGuard(...)` (the DeepSpeed backend) the optimizer computes the flag itself, at
 the top of `step()`, from the gradients it owns. Under ZeRO those are the averaged fp32 gradients
@@ -88,9 +94,36 @@ class _SkipProtocol:
             self._self_check()
         found = getattr(self, "found_inf", None)
         if not self._native_found_inf and found is not None:
-            if bool(found):  # host sync: bitsandbytes has no device-side skip
-                return None
+            return self._step_with_device_skip(found)
         return super().step(closure)
+
+
+class _Bnb8bitDeviceSkip:
+    """The skip protocol for bitsandbytes' Optimizer8bit without a host read (see the module doc)."""
+    _STATE_TENSORS = ("state1", "state2", "absmax1", "absmax2", "unorm_vec")
+
+    @torch.no_grad()
+    def _step_with_device_skip(self, found: torch.Tensor):
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    self.init_state(group, p, gindex, pindex)
+                keep = found.to(device=p.device, dtype=torch.bool)
+                tensors = [p.data] + [state[k] for k in self._STATE_TENSORS if torch.is_tensor(state.get(k))]
+                before = [t.clone() for t in tensors]
+                self.update_step(group, p, gindex, pindex)
+                # update_step may rebind p.data (to a contiguous copy): select into the live tensors
+                live = [p.data] + [state[k] for k in self._STATE_TENSORS if torch.is_tensor(state.get(k))]
+                for new, old in zip(live, before):
+                    new.copy_(torch.where(keep, old, new))
+        return None
 
 
 class SkipAdam(_SkipProtocol, torch.optim.Adam):
@@ -114,7 +147,7 @@ def _bnb_adam8bit_class():
     global _BNB_CLASS
     if _BNB_CLASS is None:
         bnb = require_bitsandbytes()
-        _BNB_CLASS = type("SkipAdam8bit", (_SkipProtocol, bnb.optim.Adam8bit), {})
+        _BNB_CLASS = type("SkipAdam8bit", (_Bnb8bitDeviceSkip, _SkipProtocol, bnb.optim.Adam8bit), {})
     return _BNB_CLASS
 
 

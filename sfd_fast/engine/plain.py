@@ -11,7 +11,7 @@ loop itself (trainer.py) exists once. Its interface, which engine/deepspeed.py i
     draw(phase, remain_coef, forget_coef) -> PhaseDraws       this rank's rows of one micro-batch
     backward(role, loss)        per micro-batch
     update(role)                after the accumulation: the optimizer step with the non-finite skip
-    generator_phase()           context around the generator update (ZeRO-3 freezes the fake score)
+    generator_phase()           context around the generator update (trainer.frozen_fake_score.during())
     ema_pairs()                 context -> (ema params, generator params) for the EMA lerp
     reduce_stats(stats)         per-rank sums -> global sums (a collective under DeepSpeed)
     sampling_generator()        the module to sample grids/evaluation from (collective under DeepSpeed)
@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint, optimizer_from_flat, save_checkpoint
-from ..denoisers import FrozenView, frozen_if, needs_frozen_parameters
+from ..checkpoint import load_checkpoint, load_weights_into, optimizer_from_flat, save_checkpoint
 from ..step import PhaseDraws, draw_phase
 from .optim import make_optimizer, nonfinite_flag
 
@@ -45,10 +44,8 @@ class PlainBackend:
         self.denom = cfg.train.batch_size
         self.phase_generator = trainer.generator
         self.phase_fake_score = trainer.fake_score
-        # the fake score inside the generator loss: detached weights (FrozenView), or, where that
-        # cannot work (diffusers activation checkpointing), requires_grad off for the generator phase
-        self.freeze_fake_score = needs_frozen_parameters(trainer.fake_score)
-        self.fake_score_view = trainer.fake_score if self.freeze_fake_score else FrozenView(trainer.fake_score)
+        # the fake score inside the generator loss: the plan's FrozenFakeScore (denoisers.py)
+        self.fake_score_view = trainer.frozen_fake_score.view
         modules = {"fake_score": trainer.fake_score, "generator": trainer.generator}
         self.params = {r: [p for p in modules[r].parameters() if p.requires_grad] for r in ROLES}
         # fused Adam (fp32 master weights), or bitsandbytes 8-bit Adam: engine/optim.py
@@ -84,7 +81,7 @@ class PlainBackend:
         self.trainer.skipped[ROLES.index(role)] += flag
 
     def generator_phase(self):
-        return frozen_if(self.freeze_fake_score, self.trainer.fake_score)
+        return self.trainer.frozen_fake_score.during()
 
     @contextlib.contextmanager
     def ema_pairs(self):
@@ -116,10 +113,10 @@ class PlainBackend:
         if ck["state"].get("backend", "plain") != "plain":
             raise RuntimeError(f"{ckpt} was written by the {ck['state']['backend']} backend; resume it with "
                                f"engine.backend={ck['state']['backend']!r}")
-        t.generator.net.load_state_dict(ck["weights"]["generator"])
-        t.fake_score.net.load_state_dict(ck["weights"]["fake_score"])
-        if t.ema_enabled:
-            t.generator_ema.net.load_state_dict(ck["weights"]["generator_ema"])
+        for role, module in (("generator", t.generator), ("fake_score", t.fake_score),
+                             ("generator_ema", t.generator_ema if t.ema_enabled else None)):
+            if module is not None:
+                load_weights_into(module.net, ck["weights"][role], ckpt / f"{role}.safetensors")
         meta = ck["state"]["optimizers"]
         for role in ROLES:
             optimizer_from_flat(self.optimizers[role], ck["optim"][role], meta[role])

@@ -7,7 +7,7 @@ Sections (each an element with a fixed id, so tests and readers can find them):
   evaluation   the evaluation-during-training curves ("eval/..." records of stats.jsonl)
   samples      the sample grids over time: the first, up to three in between, the last, the final grid
   final-eval   eval.json as a table
-  plan         the acceleration plan (plan.json, else the config's engine section)
+  plan         the acceleration plan (acceleration_plan.json, else the config's engine section)
   environment  torch, CUDA, device, world size, commit (environment.json; report_context.py)
   config       the resolved config.json
 

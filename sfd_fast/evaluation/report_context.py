@@ -1,6 +1,6 @@
 """Two report sections about how a run ran, rather than what it learned.
 
-  plan         the acceleration plan: RUN_DIR/plan.json when the run wrote one (precision,
+  plan         the acceleration plan: RUN_DIR/acceleration_plan.json when the run wrote one (precision,
                attention, checkpointing, loss kernel, compile, micro-batch, backend), else the
                config's engine section, labelled as such
   environment  RUN_DIR/environment.json (sfd_fast/environment.py): torch, CUDA, device, world size,
@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 from ..environment import read_environment
-from ..trackers import acceleration_plan
 
 ENV_ROWS = (("torch", "torch"), ("CUDA", "cuda"), ("cuDNN", "cudnn"), ("device", "device"),
             ("device name", "device_name"), ("world size", "world_size"), ("Python", "python"),
@@ -32,10 +31,10 @@ def _fmt(v) -> str:
 
 
 def plan_section(run_dir: Path, config: dict) -> str:
-    plan = acceleration_plan(run_dir, config)
+    plan = read_plan(run_dir, config)
     source = plan.pop("source")
-    note = ("from plan.json, written by the run" if source == "plan.json"
-            else "this run wrote no plan.json: the config's engine section as requested")
+    note = ("from acceleration_plan.json, written by the run" if source == "acceleration_plan.json"
+            else "this run wrote no acceleration_plan.json: the config's engine section as requested")
     return f"<p>{html.escape(note)}</p>" + _table(sorted(plan.items()), ("setting", "value"))
 
 
@@ -48,3 +47,15 @@ def environment_section(run_dir: Path) -> str:
     head = (f"<p>{len(starts)} start(s) of this run, at step(s) {html.escape(steps)}; the latest "
             f"start's environment:</p>")
     return head + _table([(label, last.get(key)) for label, key in ENV_ROWS], ("", "latest start"))
+
+
+def read_plan(run_dir: Path, config: dict) -> dict:
+    """RUN_DIR/acceleration_plan.json when the run wrote one, else the config's engine section."""
+    from ..engine.plan import PLAN_FILE
+    path = Path(run_dir) / PLAN_FILE
+    if path.is_file():
+        try:
+            return {"source": PLAN_FILE, **json.loads(path.read_text())}
+        except (json.JSONDecodeError, TypeError):
+            pass
+    return {"source": "config engine section", **config.get("engine", {})}

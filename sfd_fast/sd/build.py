@@ -57,8 +57,9 @@ def resolve_pretrained(pretrained: str, prediction: str = "epsilon") -> str:
 
 def load_sd_components(cfg: Config, device) -> SDComponents:
     src = resolve_pretrained(cfg.model.pretrained, cfg.schedule.prediction)
-    # attention: the loader's SDPA default; training applies engine.attention once (engine/accelerate.py)
-    comps = load_stable_diffusion(src, device=device, dtype=torch.float32)
+    # attention: not chosen here; a training run's acceleration plan applies engine.attention once
+    # (engine/plan.py); sampling and export use the UNet as diffusers builds it (SDPA on torch 2)
+    comps = load_stable_diffusion(src, device=device, dtype=torch.float32, attention=None)
     if cfg.schedule.prediction != comps.prediction:
         log.warning("schedule.prediction=%r differs from the model's scheduler config (%r); the model's "
                     "prediction type is used", cfg.schedule.prediction, comps.prediction)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_json
 from .sampling import render
 
 log = logging.getLogger("sfd_fast")
@@ -136,7 +136,7 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
     if scorer is None:
         reason = "no CLIP model: set eval.clip_model (a local CLIP folder or a hub id) to score the run"
         log.info("evaluation skipped: %s", reason)
-        atomic_write_text(Path(run_dir) / "eval.json", json.dumps({"skipped": reason, "step": trainer.step}, indent=1))
+        atomic_write_json(Path(run_dir) / "eval.json", {"skipped": reason, "step": trainer.step})
         return {"eval": {"skipped": reason}}
     ev = cfg.eval
     gen = trainer.generator_ema
@@ -146,6 +146,6 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
                           parts.task, parts.sample_shape, ev.clip_prompts, ev.clip_images_per_prompt)
     gen.train(was_training)
     metrics.update(step=trainer.step, clip_model=ev.clip_model)
-    atomic_write_text(Path(run_dir) / "eval.json", json.dumps(metrics, indent=1))
+    atomic_write_json(Path(run_dir) / "eval.json", metrics)
     log.info("eval: %s", json.dumps(metrics))
     return {"eval": metrics}

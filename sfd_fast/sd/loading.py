@@ -157,10 +157,11 @@ def load_stable_diffusion(pretrained: str, device="cpu", dtype: torch.dtype = to
 
     pretrained: local diffusers folder (loaded with local_files_only=True) or a hub id "org/name".
     dtype: dtype of unet, text encoder and VAE (the reference's `weight_dtype`; fp16 with --fp16).
-    attention: "sdpa" (torch scaled_dot_product_attention), "eager" (plain matmul) or "xformers".
+    attention: "sdpa" (torch scaled_dot_product_attention), "eager" (plain matmul) or "xformers";
+        None leaves the UNet's processors as diffusers builds them (training runs: engine/plan.py decides).
     variant: diffusers weight variant, e.g. "fp16" (the reference loads it with --fp16).
     """
-    if attention not in ATTENTION:
+    if attention is not None and attention not in ATTENTION:
         raise ValueError(f"attention={attention!r}; expected one of {ATTENTION}")
     src, local = _check_pretrained(str(pretrained))
     try:
@@ -191,7 +192,8 @@ def _load_components(src: str, local: bool, device, dtype, variant, attention) -
         attn_implementation="sdpa" if attention != "eager" else "eager", **kw)
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, variant=variant, **dkw)
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, variant=variant, **dkw)
-    _set_attention(unet, attention)
+    if attention is not None:          # None: as diffusers built it (training: the acceleration plan sets it)
+        _set_attention(unet, attention)
 
     for m in (unet, text_encoder, vae):
         m.to(device).eval().requires_grad_(False)
