@@ -7,6 +7,7 @@
     sfd-fast export --format reference-ddpm --run DDPM_RUN --out ckpt.pth
     sfd-fast import-config --out config.json cifar10.yml --init_ckpt ckpt.pth --label_to_forget 0
     sfd-fast report RUN_DIR [--out FILE]
+    sfd-fast attack RUN_DIR [--set eval.attacks.KEY=VALUE ...] [--device DEV]
 
 `sfd-fast COMMAND --help` describes each. Also runnable as `python -m sfd_fast.cli COMMAND ...`.
 """
@@ -24,6 +25,7 @@ COMMANDS = {
     "import-config": ("sfd_fast.ddpm.import_config:main", "a reference SFD config (DDPM YAML / SD flags) -> JSON"),
     "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA (reference classifier), FID / IS of ddpm samples"),
     "report": ("sfd_fast.evaluation.report:main", "write a self-contained HTML report of a run (plots, grids, eval)"),
+    "attack": ("sfd_fast.evaluation.attacks.run:main", "worst-case forgetting: attacks vs references that never knew"),
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
+from .evaluation.attacks.config import AttacksConfig, validate_attacks
 
 
 class ConfigError(UserError, ValueError):
@@ -169,6 +170,7 @@ class EvalConfig:
     clip_prompts: int = 8             # stable_diffusion: prompts per forget concept / validation set
     clip_images_per_prompt: int = 2   # stable_diffusion: fixed-seed one-step samples per prompt
     report: bool = True               # write report.html at the end of the run
+    attacks: AttacksConfig = field(default_factory=AttacksConfig)   # worst-case forgetting (docs/robustness.md)
 
 
 @dataclass
@@ -380,6 +382,7 @@ def validate(cfg: Config, source: str = "config") -> None:
             bad(f"eval.{k}", "must be positive")
     if ev.every < 0:
         bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
+    validate_attacks(ev.attacks, bad, cfg.model.kind)
 
 
 def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:

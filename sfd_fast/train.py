@@ -247,6 +247,9 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
     fam = family(cfg.model.kind)
     if fam.evaluate and cfg.eval.enabled and rank0:
         result.update(resolve(fam.evaluate)(cfg, parts, trainer, run_dir))
+    if cfg.eval.enabled and cfg.eval.attacks.enabled and rank0:   # worst-case forgetting (docs/robustness.md)
+        from sfd_fast.evaluation.attacks.run import attack_finished_run
+        result["attacks"] = attack_finished_run(cfg, run_dir, device)
     if cfg.eval.report and rank0:
         from sfd_fast.evaluation.report import write_report
         result["report"] = str(write_report(run_dir))

@@ -7,6 +7,7 @@ Sections (each an element with a fixed id, so tests and readers can find them):
   evaluation   the evaluation-during-training curves ("eval/..." records of stats.jsonl)
   samples      the sample grids over time: the first, up to three in between, the last, the final grid
   final-eval   eval.json as a table
+  robustness   attacks.json (sfd-fast attack) as a table: success, reference, gap
   config       the resolved config.json
 
 Family-agnostic: it reads only the files every run writes (config.json, stats.jsonl, samples/*.png,
@@ -26,6 +27,7 @@ import math
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
+from .attacks.table import html_section as attacks_html_section
 
 NETWORKS = ("fake_score_loss", "generator_loss")
 MISSING_MATPLOTLIB = ("matplotlib is not installed, so this report has no plots; install it with "
@@ -194,6 +196,7 @@ def render_report(run_dir: Path) -> str:
                 ("evaluation", "Evaluation during training", curves),
                 ("samples", "Sample grids over time", _sample_section(run_dir)),
                 ("final-eval", "Final evaluation (eval.json)", _final_eval_section(run_dir)),
+                ("robustness", "Worst-case forgetting (attacks.json)", attacks_html_section(run_dir)),
                 ("config", "Resolved config (config.json)", f"<pre>{html.escape(cfg_text)}</pre>")]
     body = "".join(f'<section id="{sid}"><h2>{title}</h2>{content}</section>' for sid, title, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sfd-fast report: {html.escape(name)}</title>"
