@@ -88,9 +88,9 @@ def validate_attacks(a: AttacksConfig, bad, kind: str) -> None:
     unknown = [r for r in a.references if r not in REFERENCES]
     if unknown or len(set(a.references)) != len(a.references):
         bad(f"{p}.references", f"must be distinct names from {list(REFERENCES)}, got {a.references}")
-    if "retrain" in a.references and kind != "digits" and a.enabled:
-        bad(f"{p}.references", f"'retrain' (a teacher pretrained without the forgotten class) is built only "
-            f"for digits runs; this is a {kind!r} run: remove it")
+    if kind == "ddpm" and a.enabled:
+        bad(f"{p}.enabled", "the attacks are built for digits and stable_diffusion runs; ddpm runs have no "
+            "surrogate classifier yet (the judge would be ddpm.classifier): set it to false")
     for name, positive_ints, positive_floats in (
             ("noise", ("steps",), ("step_size", "radius")),
             ("condition", ("steps", "fit_samples"), ("step_size", "radius")),

@@ -34,7 +34,11 @@ def attack_finished_run(cfg, run_dir: Path, device) -> dict:
         raise ConfigError(f"eval.attacks: no attacks are built for {cfg.model.kind!r} runs yet")
     run_dir = Path(run_dir)
     t0 = time.time()
-    result = resolve(fam.attack)(cfg, run_dir, device)
+    from ...errors import UserError
+    try:
+        result = resolve(fam.attack)(cfg, run_dir, device)
+    except (FileNotFoundError, UnicodeDecodeError) as e:   # a prompt / weights file named by the config
+        raise UserError(str(e)) from None
     result["wall_seconds"] = round(time.time() - t0, 1)
     atomic_write_text(run_dir / "attacks.json", json.dumps(result, indent=1))
     eval_path = run_dir / "eval.json"
