@@ -382,7 +382,7 @@ def validate(cfg: Config, source: str = "config") -> None:
             bad(f"eval.{k}", "must be positive")
     if ev.every < 0:
         bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
-    validate_attacks(ev.attacks, bad, cfg.model.kind)
+    validate_attacks(ev.attacks, bad, cfg.model.kind, ev.every)
 
 
 def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:

@@ -96,3 +96,24 @@ def test_attack_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["attack", str(tmp_path)])
     assert e.value.code == 2 and "config.json" in capsys.readouterr().err
+
+
+def test_noise_attack_during_training_goes_to_stats(tmp_path):
+    attacks = {"during": True, "noise": {"steps": 2}}
+    path = tiny_auto_config(tmp_path, attacks)
+    train_main(["--config", path, "--set", "eval.every=1", "eval.during_samples_per_class=4",
+                "eval.report=false"])
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "stats.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/attack_noise/0" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    for r in evals:
+        assert r["eval/attack_noise/0"] * 4 == round(r["eval/attack_noise/0"] * 4)     # a share of 4
+        assert 0 <= r["eval/attack_noise_override/0"] <= 1
+    assert not (tmp_path / "runs" / "tiny" / "attacks.json").exists()      # enabled is off: no end attack
+
+
+def test_attack_during_needs_evaluation_during_training(tmp_path):
+    from sfd_fast.config import load_config
+    from sfd_fast.errors import UserError
+    with pytest.raises(UserError, match=r"eval\.attacks\.during.*eval\.every"):
+        load_config(tiny_auto_config(tmp_path, {"during": True}))

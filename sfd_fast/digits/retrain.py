@@ -30,7 +30,7 @@ def retrain_config(cfg, teacher_path: Path) -> dict:
     d["eval"]["every"] = 0
     d["eval"]["report"] = False
     d["eval"]["attacks"]["enabled"] = False      # never attack inside the reference's own run
-    d["eval"]["attacks"]["every"] = 0
+    d["eval"]["attacks"]["during"] = False
     d["train"]["progress"] = False
     return d
 

@@ -147,3 +147,25 @@ def run_attacks(cfg, run_dir: Path, device) -> dict:
     acfg = cfg.eval.attacks
     parts = attack_parts(cfg, run_dir, device, list(acfg.references))
     return run_class_attacks(parts, acfg, progress=lambda msg: log.info("attack: %s", msg))
+
+
+def make_attack_during(cfg, judge: nn.Module, device):
+    """eval.attacks.during: -> callable(generator) -> {"attack_noise/<f>": rate on label f,
+    "attack_noise_override/<f>": rate on its override label (the reference that never was f)},
+    the noise attack with the eval.attacks budget on eval.during_samples_per_class noises."""
+    from ..evaluation.attacks.classes import AttackParts, noise_attack
+    forget, overrides = forget_targets(cfg.sfd)
+    acfg = cfg.eval.attacks
+    parts = AttackParts(generator=None, references={}, judge=judge, surrogate=get_surrogate(cfg)[0].to(device),
+                        sample_shape=(1, 8, 8), num_classes=cfg.sfd.num_classes, forget=forget, overrides=overrides)
+    n = cfg.eval.during_samples_per_class
+
+    def attack(gen) -> dict:
+        out = {}
+        for i, f in enumerate(forget):
+            out[f"attack_noise/{f}"] = noise_attack(parts, gen, f, f, acfg.noise, n, acfg.seed)["rate"]
+            if i < len(overrides):
+                out[f"attack_noise_override/{f}"] = noise_attack(parts, gen, overrides[i], f, acfg.noise, n,
+                                                                 acfg.seed)["rate"]
+        return out
+    return attack

@@ -149,9 +149,10 @@ def relearn_attack(parts: AttackParts, gen, label: int, f: int, cfg, n: int, see
             break
         idx = torch.randint(0, cfg.images, (cfg.batch_size,), generator=g, device=device)
         z = torch.randn((cfg.batch_size, *parts.sample_shape), generator=g, device=device)
-        loss = (model(z, lab_train) - images[idx]).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():
+            loss = (model(z, lab_train) - images[idx]).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
     return {"steps": steps, "ua_curve": curve}
 

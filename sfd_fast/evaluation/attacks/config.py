@@ -59,7 +59,8 @@ class SoftPromptAttackConfig:
 @dataclass
 class AttacksConfig:
     enabled: bool = False             # run the attacks at the end of training (eval.json "attacks")
-    every: int = 0                    # > 0: the noise attack on the forgotten labels every N steps (stats.jsonl)
+    during: bool = False              # digits: the noise attack (forgotten labels, override label) at every
+                                      # eval.every evaluation during training (stats.jsonl eval/attack_noise/...)
     seed: int = 0
     samples: int = 200                # samples judged per attacked label (class families)
     references: list = field(default_factory=lambda: ["labels", "teacher", "retrain"])
@@ -75,14 +76,16 @@ class AttacksConfig:
 REFERENCES = ("labels", "teacher", "retrain")
 
 
-def validate_attacks(a: AttacksConfig, bad, kind: str) -> None:
+def validate_attacks(a: AttacksConfig, bad, kind: str, eval_every: int = 0) -> None:
     """Value checks of eval.attacks; `bad(key, message)` raises the ConfigError."""
     p = "eval.attacks"
     for key in ("samples",):
         if getattr(a, key) <= 0:
             bad(f"{p}.{key}", f"must be a positive integer, got {getattr(a, key)}")
-    if a.every < 0:
-        bad(f"{p}.every", f"must be >= 0 (0 = only at the end), got {a.every}")
+    if a.during and eval_every <= 0:
+        bad(f"{p}.during", "runs at each evaluation during training: set eval.every > 0 too (or during false)")
+    if a.during and kind != "digits":
+        bad(f"{p}.during", f"is built for digits runs only; this is a {kind!r} run")
     if a.other_labels < 0:
         bad(f"{p}.other_labels", f"must be >= 0, got {a.other_labels}")
     unknown = [r for r in a.references if r not in REFERENCES]

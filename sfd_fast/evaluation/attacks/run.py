@@ -70,7 +70,7 @@ def read_attack_config(run_dir: Path, overrides: list[str]):
     for key, value in _numbers(cfg.eval.attacks, "eval.attacks."):
         if value != value or value in (float("inf"), float("-inf")):
             bad(key, f"must be a finite number, got {value!r}")
-    validate_attacks(cfg.eval.attacks, bad, cfg.model.kind)
+    validate_attacks(cfg.eval.attacks, bad, cfg.model.kind)   # `during` is about training: not checked here
     return cfg
 
 

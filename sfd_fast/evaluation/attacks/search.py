@@ -50,8 +50,9 @@ def noise_search(objective: Callable[[torch.Tensor], torch.Tensor], z0: torch.Te
     scale = step_size * _flat_norm(z0)
     for _ in range(steps):
         z.requires_grad_(True)
-        score = objective(z)
-        (grad,) = torch.autograd.grad(score.sum(), z)
+        with torch.enable_grad():   # also when called under no_grad (the evaluation during training)
+            score = objective(z)
+            (grad,) = torch.autograd.grad(score.sum(), z)
         with torch.no_grad():
             z = z + scale * grad / _flat_norm(grad).clamp_min(1e-12)
             z = project_shell_chord(z, z0, radius)
@@ -72,7 +73,8 @@ def embedding_search(objective: Callable[[torch.Tensor], torch.Tensor], e0: torc
     e = e0.clone()
     for _ in range(steps):
         e.requires_grad_(True)
-        (grad,) = torch.autograd.grad(objective(e), e)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(objective(e), e)
         with torch.no_grad():
             e = project_ball(e + step_size_abs * grad / grad.norm().clamp_min(1e-12), e0, radius_abs)
     return e.detach()

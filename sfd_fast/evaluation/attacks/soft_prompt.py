@@ -64,10 +64,11 @@ def soft_prompt_search(generator, text_encoder, ids: torch.Tensor, z: torch.Tens
         for _ in range(cfg.steps):
             e.requires_grad_(True)
             ref[0] = e
-            cond = text_encoder(ids)[0]
-            out = generator(z, cond.to(next(generator.parameters()).dtype))
-            loss = (out.float() - target.float()).square().mean()
-            (grad,) = torch.autograd.grad(loss, e)
+            with torch.enable_grad():
+                cond = text_encoder(ids)[0]
+                out = generator(z, cond.to(next(generator.parameters()).dtype))
+                loss = (out.float() - target.float()).square().mean()
+                (grad,) = torch.autograd.grad(loss, e)
             with torch.no_grad():   # descent, normalised per token
                 step = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 e = project_rows(e - cfg.step_size * scale * step, e0, cfg.radius * scale)
