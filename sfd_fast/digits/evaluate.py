@@ -133,7 +133,7 @@ def make_evaluate_during(cfg, parts, device):
     real_feats = remain_real_features(classifier, forget, device)
     attack_during = None
     if cfg.eval.attacks.during:   # worst-case forgetting during training (docs/robustness.md)
-        from .robustness import make_attack_during
+        from .surrogate import make_attack_during
         attack_during = make_attack_during(cfg, classifier, device)
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -83,8 +84,12 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="eval.attacks.KEY=VALUE")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the run's run.device)")
     args = p.parse_args(argv)
-    from ...train import setup_logging
-    setup_logging()
+    root = logging.getLogger("sfd_fast")   # progress and the table on stdout (as a training run logs)
+    root.setLevel(logging.INFO)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
     cfg = read_attack_config(Path(args.run_dir), args.overrides)
     from ...engine import resolve_device
     device = resolve_device(args.device or cfg.run.device)
