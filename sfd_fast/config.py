@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
-from .evaluation.attacks.config import AttacksConfig, validate_attacks
+from .evaluation.attacks.config import AdversarialTrainingConfig, AttacksConfig, validate_adversarial, validate_attacks
 
 
 class ConfigError(UserError, ValueError):
@@ -106,6 +106,7 @@ class TrainConfig:
     keep_checkpoints: int = 0         # > 0: keep only the newest N checkpoints (0 = keep all)
     max_consecutive_skips: int = 50   # stop (checkpoint, exit 3) after this many skipped updates in a row
     ema: EMAConfig = field(default_factory=EMAConfig)
+    adversarial: AdversarialTrainingConfig = field(default_factory=AdversarialTrainingConfig)  # docs/robustness.md
 
 
 @dataclass
@@ -383,6 +384,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     if ev.every < 0:
         bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
     validate_attacks(ev.attacks, bad, cfg.model.kind, ev.every)
+    validate_adversarial(t.adversarial, bad, cfg.model.kind, cfg.engine.backend)
 
 
 def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:

@@ -161,6 +161,9 @@ def _main(argv=None) -> dict:
         trainer = SFDTrainer(cfg, parts, None, device)
     finally:
         log.removeHandler(held)
+    if cfg.train.adversarial.share > 0:   # forget-row noise from a short search (docs/robustness.md)
+        from sfd_fast.evaluation.attacks.adversarial import install_adversarial_noise
+        install_adversarial_noise(trainer, resolve(fam.surrogate)(cfg)[0], cfg.train.adversarial)
     if args.dry_run:
         return dry_run(cfg, trainer, device)
     # 4. the run directory, locked for the run's life (rank 0 writes)

@@ -210,4 +210,4 @@ def test_run_class_attacks_reports_every_attack_and_reference():
         assert per[name]["reference"] == "retrain"
         assert per[name]["gap"] == pytest.approx(per[name]["rate"] - per[name]["reference_rate"])
     assert set(per["relearn"]["references"]) == {"label 1 (override)", "teacher", "retrain"}
-    assert out["budgets"]["noise"]["radius"] == 0.5
+    assert out["budgets"]["noise"]["radius"] == 0.3

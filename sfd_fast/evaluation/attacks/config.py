@@ -15,7 +15,7 @@ class NoiseAttackConfig:
     enabled: bool = True
     steps: int = 40
     step_size: float = 0.05           # per step, as a share of ||z0|| (normalised gradient ascent)
-    radius: float = 0.5               # max ||z - z0|| / ||z0||  (2 = the whole shell)
+    radius: float = 0.3               # max ||z - z0|| / ||z0||  (2 = the whole shell)
 
 
 @dataclass
@@ -25,7 +25,7 @@ class ConditionAttackConfig:
     enabled: bool = True
     steps: int = 60
     step_size: float = 0.05           # per step, as a share of the mean learned-embedding norm
-    radius: float = 0.5               # max ||e - e_label|| / mean_k ||e_k||
+    radius: float = 0.3               # max ||e - e_label|| / mean_k ||e_k||
     fit_samples: int = 64             # noises the embedding is optimised on (judged on other noises)
 
 
@@ -36,9 +36,9 @@ class RelearnAttackConfig:
     enabled: bool = True
     images: int = 8                   # teacher samples of the forgotten class the attacker holds
     max_steps: int = 300
-    lr: float = 1e-4
+    lr: float = 3e-5
     batch_size: int = 64              # (noise, image) rows per step
-    check_every: int = 10             # UA is judged every N steps
+    check_every: int = 1              # UA is judged every N steps
     ua_threshold: float = 0.5         # success: UA below this
 
 
@@ -71,6 +71,32 @@ class AttacksConfig:
     condition: ConditionAttackConfig = field(default_factory=ConditionAttackConfig)
     relearn: RelearnAttackConfig = field(default_factory=RelearnAttackConfig)
     soft_prompt: SoftPromptAttackConfig = field(default_factory=SoftPromptAttackConfig)
+
+
+@dataclass
+class AdversarialTrainingConfig:
+    """train.adversarial: part of the forget rows' noise from a short noise search against the current
+    generator (evaluation/attacks/adversarial.py); digits, plain backend. share 0 = off."""
+    share: float = 0.0                # of each generator phase's forget rows
+    steps: int = 5
+    step_size: float = 0.1            # as eval.attacks.noise
+    radius: float = 0.3
+
+
+def validate_adversarial(a: AdversarialTrainingConfig, bad, kind: str, backend: str) -> None:
+    p = "train.adversarial"
+    if not 0 <= a.share <= 1:
+        bad(f"{p}.share", f"must be in [0, 1] (0 = off), got {a.share}")
+    if a.share == 0:
+        return
+    if kind != "digits" or backend != "plain":
+        bad(f"{p}.share", f"is built for digits runs on the plain backend; this is a {kind!r} run on {backend!r}")
+    if a.steps <= 0:
+        bad(f"{p}.steps", f"must be a positive integer, got {a.steps}")
+    if not a.step_size > 0:
+        bad(f"{p}.step_size", f"must be > 0, got {a.step_size}")
+    if not 0 < a.radius <= 2:
+        bad(f"{p}.radius", f"must be in (0, 2], got {a.radius}")
 
 
 REFERENCES = ("labels", "teacher", "retrain")
