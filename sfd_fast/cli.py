@@ -11,6 +11,7 @@
     sfd-fast export --format edm-safetensors|edm-snapshot --run EDM_RUN --out FILE [--template TEACHER.pkl]
     sfd-fast report RUN_DIR [--out FILE]
     sfd-fast report RUN_A RUN_B ... [--out compare.html]
+    sfd-fast attack RUN_DIR [--set eval.attacks.KEY=VALUE ...] [--device DEV]
 
 `sfd-fast COMMAND --help` describes each. Also runnable as `python -m sfd_fast.cli COMMAND ...`.
 """
@@ -29,6 +30,7 @@ COMMANDS = {
                       "a reference SFD config (DDPM YAML / SD flags / SiD EDM flags) -> JSON"),
     "eval-ddpm": ("sfd_fast.ddpm.evaluate:main", "UA (reference classifier), FID / IS of ddpm samples"),
     "report": ("sfd_fast.evaluation.compare:main", "self-contained HTML report of a run, or comparing several runs"),
+    "attack": ("sfd_fast.evaluation.attacks.run:main", "worst-case forgetting: attacks vs references that never knew"),
 }
 
 

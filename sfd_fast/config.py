@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .config_ddpm import DDPMConfig, DDPMNetConfig  # noqa: F401  (DDPMNetConfig: ddpm/model.py)
 from .config_edm import EDMConfig
 from .errors import UserError
 from .trackers import LogConfig, validate_trackers
+from .evaluation.attacks.config import AdversarialTrainingConfig, AttacksConfig, validate_adversarial, validate_attacks
 
 
 class ConfigError(UserError, ValueError):
@@ -107,6 +109,7 @@ class TrainConfig:
     keep_checkpoints: int = 0         # > 0: keep only the newest N checkpoints (0 = keep all)
     max_consecutive_skips: int = 50   # stop (checkpoint, exit 3) after this many skipped updates in a row
     ema: EMAConfig = field(default_factory=EMAConfig)
+    adversarial: AdversarialTrainingConfig = field(default_factory=AdversarialTrainingConfig)  # docs/robustness.md
 
 
 @dataclass
@@ -172,38 +175,7 @@ class EvalConfig:
     clip_prompts: int = 8             # stable_diffusion: prompts per forget concept / validation set
     clip_images_per_prompt: int = 2   # stable_diffusion: fixed-seed one-step samples per prompt
     report: bool = True               # write report.html at the end of the run
-
-
-@dataclass
-class DDPMNetConfig:
-    """The reference class-conditional DDPM network (a reference YAML's `model:` section + image size);
-    ddpm/model.py's DDPMArch adds the class count to it."""
-    image_size: int = 32
-    in_channels: int = 3
-    ch: int = 128
-    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
-    num_res_blocks: int = 2
-    attn_resolutions: list = field(default_factory=lambda: [16])
-    dropout: float = 0.1
-    resamp_with_conv: bool = True
-
-
-@dataclass
-class DDPMConfig(DDPMNetConfig):
-    """The `ddpm` section: the network (DDPMNetConfig's keys) and where its weights come from (spec §4.1).
-
-    checkpoint: a reference `ckpt.pth` (4-entry base DDPM list, or a 6-entry SFD/SiD list for the
-    two-stage start), or "random:DIR" for random weights written once to DIR (CPU smoke runs).
-    init_from_ema: the reference's distill.init_from_ema (take the EMA entry as the start).
-    train_mode_dropout: dropout active in the fake score's and the generator's own updates, as the
-    reference's train-mode networks (see sfd_fast/ddpm/model.py); false = dropout never used."""
-    checkpoint: str = ""
-    init_from_ema: bool = True
-    train_mode_dropout: bool = True
-    grid_per_class: int = 8           # snapshot grid: images per class row
-    classifier: str = ""              # end-of-run UA: the reference's ResNet-34 state dict ("" = skip UA)
-    fid_real_dir: str = ""            # end-of-run FID / IS: folder of real images ("" = skip; needs the eval extra)
-    inception_weights: str = ""       # ... and torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+    attacks: AttacksConfig = field(default_factory=AttacksConfig)   # worst-case forgetting (docs/robustness.md)
 
 
 @dataclass
@@ -386,6 +358,8 @@ def validate(cfg: Config, source: str = "config") -> None:
             bad(f"eval.{k}", "must be positive")
     if ev.every < 0:
         bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
+    validate_attacks(ev.attacks, bad, cfg.model.kind, ev.every)
+    validate_adversarial(t.adversarial, bad, cfg.model.kind, cfg.engine.backend)
 
 
 def read_run_config(run_dir: str | Path, kind: str | None = None) -> Config:

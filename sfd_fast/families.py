@@ -22,15 +22,20 @@ class Family:
     # make_evaluate_during(cfg, parts, device) -> callable(generator) -> {metric: float}, called by the
     # trainer every eval.every steps on a fixed small sample set (written to stats.jsonl)
     evaluate_during: Optional[str] = None
+    attack: Optional[str] = None    # run_attacks(cfg, run_dir, device) -> dict (evaluation/attacks/run.py)
+    surrogate: Optional[str] = None  # get_surrogate(cfg) -> (classifier, meta): train.adversarial's guide
 
 
 FAMILIES: dict[str, Family] = {
     "digits": Family(build="sfd_fast.digits.build:build_parts", checks="sfd_fast.digits.checks:validate",
                      evaluate="sfd_fast.digits.evaluate:evaluate_run",
-                     evaluate_during="sfd_fast.digits.evaluate:make_evaluate_during"),
+                     evaluate_during="sfd_fast.digits.evaluate:make_evaluate_during",
+                     attack="sfd_fast.digits.robustness:run_attacks",
+                     surrogate="sfd_fast.digits.surrogate:get_surrogate"),
     "stable_diffusion": Family(build="sfd_fast.sd.build:build_parts", checks="sfd_fast.sd.checks:validate",
                                evaluate="sfd_fast.sd.evaluate:evaluate_run",
-                               sample="sfd_fast.sd.cli:sample_main", export="sfd_fast.sd.cli:export_main"),
+                               sample="sfd_fast.sd.cli:sample_main", export="sfd_fast.sd.cli:export_main",
+                               attack="sfd_fast.sd.robustness:run_attacks"),
     "ddpm": Family(build="sfd_fast.ddpm.build:build_parts", checks="sfd_fast.ddpm.checks:validate",
                    evaluate="sfd_fast.ddpm.evaluate:evaluate_run",
                    sample="sfd_fast.ddpm.sample:main", export="sfd_fast.ddpm.sample:export_main"),

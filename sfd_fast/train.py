@@ -163,6 +163,9 @@ def _main(argv=None) -> dict:
         trainer = SFDTrainer(cfg, parts, None, device)
     finally:
         log.removeHandler(held)
+    if cfg.train.adversarial.share > 0:   # forget-row noise from a short search (docs/robustness.md)
+        from sfd_fast.evaluation.attacks.adversarial import install_adversarial_noise
+        install_adversarial_noise(trainer, resolve(fam.surrogate)(cfg)[0], cfg.train.adversarial)
     if args.dry_run:
         return dry_run(cfg, trainer, device)
     # 4. the run directory, locked for the run's life (rank 0 writes)
@@ -272,6 +275,9 @@ def _train_and_evaluate(cfg, trainer, run_dir: Path, device, rank0: bool) -> dic
     if fam.evaluate and cfg.eval.enabled and rank0:
         result.update(resolve(fam.evaluate)(cfg, trainer.parts, trainer, run_dir))
         trainer.trackers.final_eval(run_dir / "eval.json", trainer.step)
+    if cfg.eval.enabled and cfg.eval.attacks.enabled and rank0:   # worst-case forgetting (docs/robustness.md)
+        from sfd_fast.evaluation.attacks.run import attack_finished_run
+        result["attacks"] = attack_finished_run(cfg, run_dir, device)
     if cfg.eval.report and rank0:
         from sfd_fast.evaluation.report import write_report
         result["report"] = str(write_report(run_dir))

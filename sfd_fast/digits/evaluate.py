@@ -131,12 +131,18 @@ def make_evaluate_during(cfg, parts, device):
     classifier = get_digits_classifier(cfg)[0].to(device)
     forget = forget_targets(cfg.sfd)[0]
     real_feats = remain_real_features(classifier, forget, device)
+    attack_during = None
+    if cfg.eval.attacks.during:   # worst-case forgetting during training (docs/robustness.md)
+        from .surrogate import make_attack_during
+        attack_during = make_attack_during(cfg, classifier, device)
 
     @torch.no_grad()
     def evaluate(gen) -> dict:
         m, _ = forgetting_metrics(classifier, gen, forget, cfg.sfd.num_classes,
                                   cfg.eval.during_samples_per_class, seed=11, real_feats=real_feats)
         out = {f"ua/{c}": v for c, v in m["ua_per_class"].items()}
+        if attack_during is not None:
+            out.update(attack_during(gen))
         return {**out, "retained_accuracy": m["retained_accuracy"], "fd": m["fd"]}
     return evaluate
 

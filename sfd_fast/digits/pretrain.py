@@ -28,12 +28,17 @@ def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def teacher_cache_path(cfg: Config) -> Path:
+def teacher_cache_path(cfg: Config, exclude: tuple = ()) -> Path:
+    """The cached teacher's file; `exclude`: classes left out of its training data (the "retrain"
+    reference of the attacks, sfd_fast/evaluation/attacks/retrain.py). Without it the key is unchanged."""
     p = cfg.pretrain
-    key = _key({"hidden": cfg.model.hidden, "blocks": cfg.model.blocks, "classes": cfg.sfd.num_classes,
-                "schedule": vars(cfg.schedule), "steps": p.steps, "batch": p.batch_size, "lr": p.lr,
-                "drop": p.cond_drop_prob, "seed": cfg.run.seed, "v": 1})
-    return Path(cfg.run.root) / "cache" / f"digits-teacher-{key}.safetensors"
+    payload = {"hidden": cfg.model.hidden, "blocks": cfg.model.blocks, "classes": cfg.sfd.num_classes,
+               "schedule": vars(cfg.schedule), "steps": p.steps, "batch": p.batch_size, "lr": p.lr,
+               "drop": p.cond_drop_prob, "seed": cfg.run.seed, "v": 1}
+    if exclude:
+        payload["exclude"] = sorted(int(c) for c in exclude)
+    name = "digits-teacher" + ("-without-" + "-".join(map(str, payload["exclude"])) if exclude else "")
+    return Path(cfg.run.root) / "cache" / f"{name}-{_key(payload)}.safetensors"
 
 
 def classifier_cache_path(cfg: Config) -> Path:
@@ -45,12 +50,16 @@ def _bar(total, desc):
     return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def pretrain_digits_teacher(cfg: Config, out: Path) -> Path:
-    """DDPM epsilon-prediction training with class dropout (null class) on all 1797 digits."""
+def pretrain_digits_teacher(cfg: Config, out: Path, exclude: tuple = ()) -> Path:
+    """DDPM epsilon-prediction training with class dropout (null class) on all 1797 digits, or on
+    those whose class is not in `exclude` (a teacher that never saw them)."""
     p = cfg.pretrain
     torch.manual_seed(cfg.run.seed)
     g = torch.Generator().manual_seed(cfg.run.seed)
     x, y = load_digits_tensors()
+    if exclude:
+        keep = ~torch.isin(y, torch.tensor([int(c) for c in exclude]))
+        x, y = x[keep], y[keep]
     sch = cfg.schedule
     schedule = VPSchedule.from_betas(sch.beta_schedule, sch.beta_start, sch.beta_end, sch.num_timesteps,
                                      sch.prediction)

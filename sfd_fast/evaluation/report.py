@@ -9,6 +9,7 @@ Sections (each an element with a fixed id, so tests and readers can find them):
   final-eval   eval.json as a table
   plan         the acceleration plan (acceleration_plan.json, else the config's engine section)
   environment  torch, CUDA, device, world size, commit (environment.json; report_context.py)
+  robustness   attacks.json (sfd-fast attack) as a table: success, reference, gap
   config       the resolved config.json
 
 `sfd-fast report RUN_A RUN_B ...` (several runs) writes the comparison page instead (compare.py).
@@ -31,6 +32,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text
 from ..trackers import flatten
 from .report_context import environment_section, plan_section
+from .attacks.table import html_section as attacks_html_section
 
 NETWORKS = ("fake_score_loss", "generator_loss")
 MISSING_MATPLOTLIB = ("matplotlib is not installed, so this report has no plots; install it with "
@@ -192,6 +194,7 @@ def render_report(run_dir: Path) -> str:
                 ("final-eval", "Final evaluation (eval.json)", _final_eval_section(run_dir)),
                 ("plan", "Acceleration plan", plan_section(run_dir, config)),
                 ("environment", "Environment", environment_section(run_dir)),
+                ("robustness", "Worst-case forgetting (attacks.json)", attacks_html_section(run_dir)),
                 ("config", "Resolved config (config.json)", f"<pre>{html.escape(cfg_text)}</pre>")]
     body = "".join(f'<section id="{sid}"><h2>{title}</h2>{content}</section>' for sid, title, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sfd-fast report: {html.escape(name)}</title>"
