@@ -15,8 +15,10 @@ Configurations
 
 The fast side is the product: SFDTrainer.train_step with the SD family's TextForgetTask (remain
 captions drawn and encoded through the bounded cache every draw), see sd_parts.fast_parts.
-Compile cases (CUDA): "-fast-compile" = engine.compile (each network), "-fast-compile-phase" =
-engine.compile_phase (each whole phase one graph).
+Compile cases (CUDA): "-fast-compile" = engine.compile with engine.compile_regions (each network's
+repeated blocks, one graph per distinct block and shape: the cold compile that fits the device
+check's budget, docs/gpu_check.md), "-fast-compile-phase" = engine.compile_phase (each whole phase
+one graph).
 
 extra_info of every case: provider (fast / baseline), config, compile, batch, samples_per_s
 (SFD samples = remain + forget per iteration, at the median step time), step_s, peak_mem_bytes,
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import time
 
 import pytest
 import torch
@@ -104,6 +107,7 @@ def test_sfd_step(benchmark, config, provider, compile_, tiny_sd_dir, tmp_path, 
         cfg = sd_parts.sd_config(B, spec["precision"], compile_=compile_ == "networks", device=device,
                                  grad_accum=B // spec["micro"])
         cfg.engine.compile_phase = compile_ == "phase"
+        cfg.engine.compile_regions = compile_ == "networks"
         runner = sd_parts.build_fast_trainer(sd, cfg, device, tmp_path)
         step = runner.train_step
     else:
@@ -113,9 +117,11 @@ def test_sfd_step(benchmark, config, provider, compile_, tiny_sd_dir, tmp_path, 
     if config not in _FLOPS and provider == "fast" and not compile_:
         _FLOPS[config] = measure.count_flops(step)  # doubles as the first warm-up step
     warm = 3 if compile_ else 1  # compile: first steps build (and cache) every graph
+    t0 = time.perf_counter()
     for _ in range(warm):
         step()
     measure.sync(device)
+    warm_s = time.perf_counter() - t0   # with compile: the cold compile of every graph + 3 steps
     measure.reset_peak_memory(device)
 
     def target():
@@ -127,7 +133,8 @@ def test_sfd_step(benchmark, config, provider, compile_, tiny_sd_dir, tmp_path, 
 
     samples = 2 * B
     info = {"provider": provider, "config": config, "compile": compile_ is not None,
-            "compile_form": compile_, "batch": B,
+            "compile_form": {"networks": "regions", "phase": "phase"}.get(compile_), "batch": B,
+            "warmup_s": warm_s, "warmup_steps": warm,
             "micro_batch": spec["micro"] if provider == "fast" else spec["baseline_micro"],
             "sfd_samples_per_step": samples, "precision": spec["precision"],
             "threads": torch.get_num_threads() if device == "cpu" else None}
