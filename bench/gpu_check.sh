@@ -134,6 +134,9 @@ export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ $REHEARSE -eq 1 ]; then
     export GPU_CHECK_REHEARSE=1 TRITON_INTERPRET=1      # CPU: tiny configurations, Triton's interpreter
+    # one thread per process: on a shared CPU, OpenMP threads spinning against other jobs made the
+    # tiny SD step ~6x slower with 2 threads than with 1 (measured here under a load of 14)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
     log "REHEARSAL on CPU with $PY: tiny configurations, budgets x$X; not performance figures"
 else
     export TRITON_INTERPRET=0                          # native kernels (tests/conftest.py defaults it to 1)

@@ -48,7 +48,9 @@ def _outcome(reports) -> tuple[str, str]:
     setup, call, teardown = by_when.get("setup"), by_when.get("call"), by_when.get("teardown")
     for rep, failed_as in ((setup, "error"), (call, "failed"), (teardown, "error")):
         if rep is not None and rep.failed:
-            return failed_as, str(rep.longreprtext).strip().splitlines()[-1][:300] if rep.longreprtext else ""
+            crash = getattr(rep.longrepr, "reprcrash", None)   # "<Exception>: <message>" where pytest has it
+            text = crash.message if crash is not None else (str(rep.longreprtext).strip().splitlines() or [""])[-1]
+            return failed_as, text[:300]
     for rep in (setup, call):
         if rep is not None and rep.skipped:
             reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
