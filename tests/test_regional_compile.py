@@ -65,3 +65,41 @@ def test_compile_regions_needs_compile():
     errors = []
     validate_engine(cfg, lambda field, msg: errors.append((field, msg)))
     assert errors and errors[0][0] == "engine.compile_regions" and "engine.compile=true" in errors[0][1]
+
+
+def test_more_block_shapes_than_dynamos_default_limit():
+    """Ten instances of one block class at ten widths: ten variants of one code object, past
+    Dynamo's default recompile limit of 8 (what the tiny SD UNet hit in the device-check rehearsal);
+    compile_regions raises the limit to its structural bound, so the forward compiles."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from sfd_fast.digits.model import ResidualBlock
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.widths = [8 + 4 * i for i in range(10)]
+            self.blocks = torch.nn.ModuleList([ResidualBlock(w) for w in self.widths])
+
+        def forward(self, x):
+            return [b(x[..., :w], x[..., :w]) for b, w in zip(self.blocks, self.widths)]
+
+    torch._dynamo.reset()
+    counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8
+        net = Stack()
+        x = torch.randn(3, 48)
+        with torch.no_grad():
+            ref = net(x)
+            compile_regions(net, "eager")
+            got = net(x)
+        assert torch._dynamo.config.recompile_limit >= 10
+        assert counters["stats"]["unique_graphs"] == 10
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
