@@ -85,7 +85,29 @@ test-matrix:
 bench: $(VENV)/.installed-test
 	$(PY) -m pytest bench $(PYTEST_ARGS)
 
-# The wheels the device image lacks (bench/wheelhouse.txt) into .whl/ for bench/gpu_check.sh;
-# the venv's python builds the source-only ones (deepspeed) with its torch.
-wheelhouse: $(VENV)/.torch
-	PY=$(PY) bash bench/wheelhouse.sh
+# ---------------------------------------------------------------------------------------------------
+# The device check (docs/gpu_check.md): replica of the device image, wheelhouse, rehearsal
+# ---------------------------------------------------------------------------------------------------
+# DEVICE_VENV holds Python 3.12 + the image's packages (bench/device_image.txt); other targets use
+# the replica as  $(DEVICE_RUN) python ...  (the wheels installed as gpu_check.sh installs them, the
+# checkout importable from its root).
+DEVICE_VENV ?= .venv-device
+DEVICE_PY := $(DEVICE_VENV)/bin/python
+DEVICE_RUN = PYTHONPATH=$(CURDIR)/$(DEVICE_VENV)/wheel-site:$(CURDIR) $(CURDIR)/$(DEVICE_PY)
+REHEARSAL_OUT ?= runs/gpu_check_rehearsal
+
+.PHONY: device-replica rehearse wheelhouse
+
+# Python 3.12 venv with the image list, .whl/ built with it (DeepSpeed against torch 2.11), .whl/
+# installed with --no-index --no-deps --target, and every stage module checked importable.
+device-replica:
+	DEVICE_VENV=$(DEVICE_VENV) bash bench/device_replica.sh
+
+# The wheels the device image lacks (bench/wheelhouse.txt) into .whl/, built with the replica's
+# Python 3.12 and torch 2.11 (the device's), not with the CPU venv's.
+wheelhouse: device-replica
+
+# Every stage of bench/gpu_check.sh on CPU in the replica at a tiny configuration; exit 0 only when
+# every stage selected, ran and recorded its numbers (summary status ok).
+rehearse: device-replica
+	bash bench/gpu_check.sh --rehearse $(REHEARSAL_OUT)

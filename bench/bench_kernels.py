@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+import rehearsal
 from sfd_fast.losses import generator_loss
 
 ALPHA = 1.2
@@ -33,6 +34,12 @@ CUDA_CASES = [
     ((16, 4, 128, 128), torch.bfloat16),
     ((64, 4, 64, 64), torch.float32),
 ]
+if rehearsal.active():
+    # gpu_check.sh --rehearse: the cuda-* cases run on CPU (Triton under its interpreter) at one
+    # small shape per dtype; their ids are the device's (cuda-8x4x64x64-bfloat16 ...), their
+    # extra_info says rehearsal and the shape actually run.
+    REHEARSAL_SHAPE = (2, 4, 16, 16)
+    CUDA_CASES = CUDA_CASES[:1]
 _BYTES_FACTOR = {"fwd": 3, "bwd": 6, "full": 9}
 
 
@@ -78,7 +85,7 @@ def _loss_fn(provider: str, device: str):
         return generator_loss
     if provider == "torch-compile":
         return _compiled_ref()
-    if device != "cuda":
+    if device != "cuda" and not rehearsal.active():
         pytest.skip("Triton needs CUDA for timing; interpreter mode is not a performance path")
     try:
         mod = _kernel_module()
@@ -86,7 +93,7 @@ def _loss_fn(provider: str, device: str):
         pytest.skip(f"Triton kernel unavailable: {err}")
     if not mod.triton_available():
         pytest.skip("Triton is not installed (`pip install triton`)")
-    if mod.kernel_interpreted():
+    if mod.kernel_interpreted() and not rehearsal.active():
         pytest.skip("TRITON_INTERPRET=1 is set: run with TRITON_INTERPRET=0 to time the native kernel")
     return mod.sfd_generator_loss
 
@@ -94,9 +101,7 @@ def _loss_fn(provider: str, device: str):
 def _cases():
     for device, cases in (("cpu", CPU_CASES), ("cuda", CUDA_CASES)):
         for shape, dtype in cases:
-            marks = []
-            if device == "cuda":
-                marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+            marks = rehearsal.cuda_skip_marks(pytest, "the CUDA kernel cases") if device == "cuda" else []
             dname = str(dtype).replace("torch.", "")
             yield pytest.param(device, shape, dtype, marks=marks, id=f"{device}-{'x'.join(map(str, shape))}-{dname}")
 
@@ -105,6 +110,9 @@ def _cases():
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("device,shape,dtype", list(_cases()))
 def test_sfd_generator_loss(benchmark, device, shape, dtype, provider, mode):
+    rehearsing = device == "cuda" and rehearsal.active()
+    if rehearsing:
+        device, shape = "cpu", REHEARSAL_SHAPE
     fn = _loss_fn(provider, device)
     gen = torch.Generator().manual_seed(0)
     xg = torch.randn(shape, generator=gen)
@@ -139,14 +147,15 @@ def test_sfd_generator_loss(benchmark, device, shape, dtype, provider, mode):
             torch.autograd.grad(fn(*inputs, ALPHA), inputs, upstream)
             _sync(device)
 
-    rounds = 20 if device == "cpu" else 100
+    rounds = 3 if rehearsing else 20 if device == "cpu" else 100
     # iterations must be 1 when a setup is given (pytest-benchmark's rule).
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0 if setup else 3)
 
     numel = xg.numel()
     nbytes = _BYTES_FACTOR[mode] * numel * torch.empty((), dtype=dtype).element_size()
     info = {"provider": provider, "mode": mode, "shape": list(shape), "dtype": str(dtype),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "bytes": nbytes}
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "bytes": nbytes,
+            "rehearsal": rehearsing}
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         gbps = nbytes / median / 1e9

@@ -15,8 +15,10 @@ Configurations
 
 The fast side is the product: SFDTrainer.train_step with the SD family's TextForgetTask (remain
 captions drawn and encoded through the bounded cache every draw), see sd_parts.fast_parts.
-Compile cases (CUDA): "-fast-compile" = engine.compile (each network), "-fast-compile-phase" =
-engine.compile_phase (each whole phase one graph).
+Compile cases (CUDA): "-fast-compile" = engine.compile with engine.compile_regions (each network's
+repeated blocks, one graph per distinct block and shape: the cold compile that fits the device
+check's budget, docs/gpu_check.md), "-fast-compile-phase" = engine.compile_phase (each whole phase
+one graph).
 
 extra_info of every case: provider (fast / baseline), config, compile, batch, samples_per_s
 (SFD samples = remain + forget per iteration, at the median step time), step_s, peak_mem_bytes,
@@ -30,11 +32,13 @@ from __future__ import annotations
 
 import functools
 import gc
+import time
 
 import pytest
 import torch
 
 import measure
+import rehearsal
 import sd_parts
 from baseline_step import BaselineSFD
 
@@ -50,22 +54,24 @@ CONFIGS = {
     "sd15": dict(device="cuda", batch=8, micro=4, baseline_micro=8, precision="bf16", rounds=(10, 3),
                  threads=None),
 }
+if rehearsal.active():
+    # bench/gpu_check.sh --rehearse: the sd15 cases on CPU with the tiny pipeline, same code paths
+    # (bf16 autocast, 2 accumulation rounds in the fast step, one round in the baseline), 2 rounds.
+    CONFIGS["sd15"] = dict(device="cpu", batch=2, micro=1, baseline_micro=2, precision="bf16", rounds=(2, 2),
+                           threads=None)
 _FLOPS: dict[str, int] = {}
 
 
 def _cases():
     for config, spec in CONFIGS.items():
-        marks = []
-        if spec["device"] == "cuda":
-            marks.append(pytest.mark.skipif(not torch.cuda.is_available(),
-                                            reason="no CUDA device: the sd15 step benchmark needs a GPU"))
+        marks = rehearsal.cuda_skip_marks(pytest, "the sd15 step benchmark") if config == "sd15" else []
         yield pytest.param(config, "fast", None, marks=marks, id=f"{config}-fast")
         yield pytest.param(config, "baseline", None, marks=marks, id=f"{config}-baseline")
         # compile last (its graph builds are the slowest part under gpu_check's time limit); on the
         # CPU tiny config inductor's build (~30 s per graph on 2 cores) exceeds the suite budget.
         # "compile": each network (engine.compile); "compile-phase": each whole phase as one graph
         # (engine.compile_phase), the design's fusion, to measure against the per-network form.
-        if spec["device"] == "cuda":
+        if config == "sd15":
             yield pytest.param(config, "fast", "networks", marks=marks, id=f"{config}-fast-compile")
             yield pytest.param(config, "fast", "phase", marks=marks, id=f"{config}-fast-compile-phase")
 
@@ -82,11 +88,13 @@ def _sd15():
     """Built once per session (random init of ~1 B parameters takes a while); every provider
     deep-copies its own networks from it, so nothing is shared between cases but the frozen text
     encoder."""
-    return sd_parts.build_sd15()
+    return sd_parts.build_sd15(device="cuda")
 
 
 def _build_sd(config, tiny_sd_dir):
-    return sd_parts.build_tiny(tiny_sd_dir) if config == "tiny-sd" else _sd15()
+    if config == "tiny-sd" or rehearsal.active():
+        return sd_parts.build_tiny(tiny_sd_dir)
+    return _sd15()
 
 
 @pytest.mark.parametrize("config,provider,compile_", list(_cases()))
@@ -99,6 +107,7 @@ def test_sfd_step(benchmark, config, provider, compile_, tiny_sd_dir, tmp_path, 
         cfg = sd_parts.sd_config(B, spec["precision"], compile_=compile_ == "networks", device=device,
                                  grad_accum=B // spec["micro"])
         cfg.engine.compile_phase = compile_ == "phase"
+        cfg.engine.compile_regions = compile_ == "networks"
         runner = sd_parts.build_fast_trainer(sd, cfg, device, tmp_path)
         step = runner.train_step
     else:
@@ -108,9 +117,11 @@ def test_sfd_step(benchmark, config, provider, compile_, tiny_sd_dir, tmp_path, 
     if config not in _FLOPS and provider == "fast" and not compile_:
         _FLOPS[config] = measure.count_flops(step)  # doubles as the first warm-up step
     warm = 3 if compile_ else 1  # compile: first steps build (and cache) every graph
+    t0 = time.perf_counter()
     for _ in range(warm):
         step()
     measure.sync(device)
+    warm_s = time.perf_counter() - t0   # with compile: the cold compile of every graph + 3 steps
     measure.reset_peak_memory(device)
 
     def target():
@@ -122,15 +133,18 @@ def test_sfd_step(benchmark, config, provider, compile_, tiny_sd_dir, tmp_path, 
 
     samples = 2 * B
     info = {"provider": provider, "config": config, "compile": compile_ is not None,
-            "compile_form": compile_, "batch": B,
+            "compile_form": {"networks": "regions", "phase": "phase"}.get(compile_), "batch": B,
+            "warmup_s": warm_s, "warmup_steps": warm,
             "micro_batch": spec["micro"] if provider == "fast" else spec["baseline_micro"],
             "sfd_samples_per_step": samples, "precision": spec["precision"],
             "threads": torch.get_num_threads() if device == "cpu" else None}
     info.update(measure.peak_memory(device))
     flops = _FLOPS.get(config)
     side = sd.latent_shape[-1]
-    info["flops_table_per_step"] = measure.table_flops_per_step(samples, side) if config == "sd15" else None
-    if flops is None and config == "sd15":
+    real_sd15 = config == "sd15" and not rehearsal.active()
+    info["flops_table_per_step"] = measure.table_flops_per_step(samples, side) if real_sd15 else None
+    info["rehearsal"] = rehearsal.active()
+    if flops is None and real_sd15:
         flops, src = info["flops_table_per_step"], "PERFORMANCE.md table (18F per SFD sample)"
     else:
         src = "FlopCounterMode on one eager fast step"

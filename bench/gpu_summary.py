@@ -1,9 +1,18 @@
 """Stage records and the JSON summary of bench/gpu_check.sh (docs/gpu_check.md).
 
-    python bench/gpu_summary.py probe OUT                  # exit 0 with CUDA, 3 without (torch only)
-    python bench/gpu_summary.py env OUT                    # versions, importability, bf16 peak -> OUT/stages.json
+    python bench/gpu_summary.py probe OUT [--rehearse]     # exit 0 with CUDA (or rehearsing), 3 without
+    python bench/gpu_summary.py env OUT [--no-peak]        # versions, importability, bf16 peak -> OUT/stages.json
     python bench/gpu_summary.py record OUT STAGE --rc RC --seconds S --limit L [--data FILE] [--log-tail FILE]
     python bench/gpu_summary.py finish OUT [--skip-all REASON]
+    python bench/gpu_summary.py imports                    # exit 1 unless every module a stage needs imports
+
+Honesty rules (issue 19): a stage is `ok` only when it exited 0 AND its data file holds the numbers
+its kind needs (STAGE_KINDS: step rows with a step time, both ddpm providers, kernel medians, a
+memory peak after at least one step, at least one passed GPU test and none failed). A selection
+that matches no case is `missing`, a data file that is absent, empty or without those numbers is
+`missing`, a stage stopped at its limit is `timeout`: none of them counts as measured. The run is
+`ok` only when every stage is ok, `partial` when the headline stages (HEADLINE) are ok and another
+is not, `failed` otherwise.
 
 OUT/stages.json keeps the raw record of every finished stage (pytest-benchmark JSON, JUnit counts,
 the memory stage's JSON) and OUT/summary.json is rewritten after EVERY stage, so a run cut short
@@ -24,13 +33,26 @@ import json
 import os
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-# The stages in their order in gpu_check.sh (its budget table is the authority on limits).
-STAGES = ("eager_fast", "eager_baseline", "kernels", "memory_24gb", "gpu_tests", "fused", "compiled")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_stage_data import measured, parse_data, parse_junit, parse_test_lines  # noqa: E402,F401
+
+# The stages in their order in gpu_check.sh (its budget table is the authority on limits): the
+# headline numbers first (eager fast vs baseline, memory), the compiled variants last.
+STAGES = ("eager_fast", "eager_baseline", "memory_24gb", "ddpm", "kernels", "gpu_tests", "compiled", "fused")
+HEADLINE = ("eager_fast", "eager_baseline", "memory_24gb")
+# What each stage's data file must hold to count as measured.
+STAGE_KINDS = {"eager_fast": "step", "eager_baseline": "step", "memory_24gb": "memory", "ddpm": "pair",
+               "kernels": "bench", "gpu_tests": "tests", "compiled": "step", "fused": "step"}
 OPTIONAL_MODULES = ("sfd_fast.kernels", "triton", "diffusers", "deepspeed", "bitsandbytes", "pydantic",
-                    "hjson", "pytest_benchmark", "cpuinfo", "transformers", "xformers")
+                    "hjson", "pytest_benchmark", "cpuinfo", "transformers", "pynvml", "xformers")
+# Every module some stage imports (also lazily, inside the product): `imports` checks them in the
+# replica (bench/device_replica.sh), so the image list + the wheelhouse are proven enough.
+STAGE_MODULES = ("torch", "triton", "numpy", "scipy", "tqdm", "PIL", "safetensors", "transformers",
+                 "diffusers", "deepspeed", "bitsandbytes", "pytest", "pytest_benchmark", "cpuinfo", "pynvml",
+                 "sfd_fast.trainer", "sfd_fast.sd.build", "sfd_fast.ddpm.build", "sfd_fast.engine.deepspeed",
+                 "sfd_fast.engine.telemetry", "sfd_fast.kernels.sfd_loss")
 TIMEOUT_CODES = (124, 137)   # GNU timeout: TERM -> 124, KILL (-k) -> 137
 NO_TESTS_CODE = 5            # pytest: no test was selected
 GIB = 2 ** 30
@@ -48,6 +70,22 @@ def _read_json(path: Path, default):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return default
+
+
+def check_imports() -> int:
+    """Import every STAGE_MODULES entry; print the failures; 0 when all import."""
+    import importlib
+
+    bad = {}
+    for name in STAGE_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # ImportError, or a wheel built for another torch / Python
+            bad[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+    for name, why in bad.items():
+        print(f"imports: {name} does not import: {why}", file=sys.stderr)
+    print(f"imports: {len(STAGE_MODULES) - len(bad)}/{len(STAGE_MODULES)} stage modules import")
+    return 1 if bad else 0
 
 
 def probe() -> dict:
@@ -88,53 +126,19 @@ def environment(measure_peak: bool = True) -> dict:
     return info
 
 
-def parse_junit(path) -> dict:
-    """Counts and the names of failed/errored tests from a JUnit XML file (pytest --junitxml)."""
-    root = ET.parse(path).getroot()
-    out = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [], "skip_reasons": []}
-    for case in root.iter("testcase"):
-        out["tests"] += 1
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if case.find("failure") is not None or case.find("error") is not None:
-            out["failed" if case.find("failure") is not None else "errors"] += 1
-            out["failures"].append(name)
-        elif case.find("skipped") is not None:
-            out["skipped"] += 1
-            out["skip_reasons"].append(f"{name}: {case.find('skipped').get('message', '')}"[:300])
-        else:
-            out["passed"] += 1
-    return out
-
-
-def parse_data(path) -> dict | None:
-    """A stage's result file: pytest-benchmark JSON (the rows), JUnit XML (counts) or plain JSON."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    if path.suffix == ".xml":
-        return {"junit": parse_junit(path)}
-    data = _read_json(path, None)
-    if isinstance(data, dict) and "benchmarks" in data:
-        rows = []
-        for b in data["benchmarks"]:
-            stats = b.get("stats") or {}
-            rows.append(dict(b.get("extra_info") or {}, name=b.get("name"), median_s=stats.get("median"),
-                             rounds=stats.get("rounds")))
-        return {"benchmarks": rows}
-    return {"json": data}
-
-
-def stage_status(rc: int, data: dict | None, expects_data: bool = True) -> str:
-    """ok / timeout / absent (nothing selected) / failed / empty (exit 0 but no numbers: skipped cases)."""
+def stage_status(rc: int, data: dict | None, kind: str = "bench") -> tuple[str, str | None]:
+    """(status, reason): ok / timeout / missing (nothing selected, or no numbers) / failed."""
     if rc in TIMEOUT_CODES:
-        return "timeout"
+        return "timeout", None
     if rc == NO_TESTS_CODE:
-        return "absent"
-    if rc != 0:
-        return "failed"
-    if expects_data and (data is None or ("benchmarks" in data and not data["benchmarks"])):
-        return "empty"
-    return "ok"
+        return "missing", "its selection matched no case (pytest exit code 5)"
+    lack = measured(kind, data)
+    j = (data or {}).get("junit") or {}
+    if rc != 0 or j.get("failed") or j.get("errors"):   # a failed test is a failure whatever the exit code
+        return "failed", f"exit code {rc}" + (f"; {lack}" if lack else "")
+    if lack:
+        return "missing", f"exited 0 but {lack}"
+    return "ok", None
 
 
 def record(out: Path, stage: str, rc: int, seconds: float, limit: float, data_file=None, log_tail=None,
@@ -143,17 +147,18 @@ def record(out: Path, stage: str, rc: int, seconds: float, limit: float, data_fi
     stages_file = out / "stages.json"
     raw = _read_json(stages_file, {})
     data = parse_data(data_file) if data_file else None
-    rec = {"status": "skipped" if reason and rc is None else stage_status(rc, data, data_file is not None), "rc": rc,
-           "seconds": round(seconds, 1), "limit_s": limit, "data": data}
+    if rc is None:   # never started (no time left): recorded with the caller's reason
+        status, why = "skipped", None
+    else:
+        status, why = stage_status(rc, data, STAGE_KINDS.get(stage, "bench"))
+    rec = {"status": status, "rc": rc, "seconds": round(seconds, 1), "limit_s": limit, "data": data}
     if reason:
         rec["reason"] = reason
-    elif rec["status"] == "timeout":
+    elif status == "timeout":
         rec["reason"] = f"stopped at its time limit ({limit:g} s): numbers of this stage are lost, the others kept"
-    elif rec["status"] == "absent":
-        rec["reason"] = "no benchmark case matched this stage's selection (not built yet)"
-    elif rec["status"] == "empty":
-        rec["reason"] = "exited 0 but recorded no numbers (its cases skipped: see stages.log)"
-    if log_tail and Path(log_tail).is_file() and rec["status"] not in ("ok", "absent", "skipped"):
+    elif why:
+        rec["reason"] = why
+    if log_tail and Path(log_tail).is_file() and status not in ("ok", "skipped"):
         rec["log_tail"] = Path(log_tail).read_text(errors="replace").splitlines()[-15:]
     raw.setdefault("stages", {})[stage] = rec
     _write_json(stages_file, raw)
@@ -162,7 +167,7 @@ def record(out: Path, stage: str, rc: int, seconds: float, limit: float, data_fi
 
 def _step_rows(stages: dict) -> list[dict]:
     rows = []
-    for name in ("eager_fast", "eager_baseline", "compiled", "fused"):
+    for name in ("eager_fast", "eager_baseline", "compiled", "fused", "ddpm"):
         for r in ((stages.get(name) or {}).get("data") or {}).get("benchmarks", []) or []:
             if r.get("config"):
                 rows.append(dict(r, stage=name))
@@ -215,6 +220,18 @@ def _memory(stage: dict) -> dict | None:
                 target_gib=22, within_target=(peak / GIB <= 22) if peak else None)
 
 
+def overall_status(stages: dict, final: bool, skip_reason: str | None = None) -> str:
+    """ok only when every stage is ok; partial when the headline stages are; else failed."""
+    if skip_reason:
+        return "skipped"
+    if not final:
+        return "running"
+    ok = {s for s in STAGES if (stages.get(s) or {}).get("status") == "ok"}
+    if ok == set(STAGES):
+        return "ok"
+    return "partial" if set(HEADLINE) <= ok else "failed"
+
+
 def write_summary(out: Path, final: bool = True, skip_reason: str | None = None) -> dict:
     """OUT/summary.json from OUT/stages.json. final=False while stages are still to run."""
     raw = _read_json(out / "stages.json", {})
@@ -222,19 +239,10 @@ def write_summary(out: Path, final: bool = True, skip_reason: str | None = None)
     if skip_reason:
         stages = {s: {"status": "skipped", "reason": skip_reason} for s in STAGES}
     table, ratios = step_table(stages, env)
-    statuses = [stages.get(s, {}).get("status", "not run") for s in STAGES]
-    if skip_reason:
-        status = "skipped"
-    elif not final:
-        status = "running"
-    elif all(s in ("ok", "absent") for s in statuses):
-        status = "ok"
-    elif any(s == "ok" for s in statuses):
-        status = "partial"
-    else:
-        status = "failed"
+    status = overall_status(stages, final, skip_reason)
     summary = {
-        "status": status, "reason": skip_reason, "device": env.get("device"), "torch": env.get("torch"),
+        "status": status, "reason": skip_reason, "mode": "rehearsal" if env.get("rehearsal") else "device",
+        "headline": list(HEADLINE), "device": env.get("device"), "torch": env.get("torch"),
         "cuda": env.get("cuda"), "python": env.get("python"), "peak_bf16_tflops": env.get("peak_bf16_tflops"),
         "versions": env.get("versions", {}), "unavailable_modules": env.get("unavailable", {}),
         "stages": {s: {k: v for k, v in stages.get(s, {"status": "not run"}).items() if k != "data"}
@@ -251,7 +259,10 @@ def write_summary(out: Path, final: bool = True, skip_reason: str | None = None)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("probe").add_argument("out")
+    pr = sub.add_parser("probe")
+    pr.add_argument("out")
+    pr.add_argument("--rehearse", action="store_true", help="no CUDA needed (gpu_check.sh --rehearse)")
+    sub.add_parser("imports")
     e = sub.add_parser("env")
     e.add_argument("out")
     e.add_argument("--no-peak", action="store_true")
@@ -268,19 +279,26 @@ def main(argv=None) -> int:
     f.add_argument("out")
     f.add_argument("--skip-all", default=None, metavar="REASON")
     a = p.parse_args(argv)
+    if a.cmd == "imports":
+        return check_imports()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.cmd in ("probe", "env"):
         raw = _read_json(out / "stages.json", {})
+        rehearse = bool(getattr(a, "rehearse", False) or raw.get("environment", {}).get("rehearsal"))
         raw["environment"] = probe() if a.cmd == "probe" else environment(not a.no_peak)
+        raw["environment"]["rehearsal"] = rehearse
         _write_json(out / "stages.json", raw)
         write_summary(out, final=False)
-        return 0 if raw["environment"].get("cuda_available") else 3
+        return 0 if raw["environment"].get("cuda_available") or rehearse else 3
     if a.cmd == "record":
         record(out, a.stage, a.rc, a.seconds, a.limit, a.data, a.log_tail, a.reason)
         return 0
     s = write_summary(out, final=True, skip_reason=a.skip_all)
-    print(f"gpu_check summary: status={s['status']} device={s['device']} ratios={s['ratios']} -> {out / 'summary.json'}")
+    bad = {k: f"{v['status']}: {v.get('reason', '')}" for k, v in s["stages"].items() if v["status"] != "ok"}
+    for k, v in bad.items():
+        print(f"gpu_check summary: {k} {v}")
+    print(f"gpu_check summary ({s['mode']}): status={s['status']} device={s['device']} ratios={s['ratios']} -> {out / 'summary.json'}")
     return 0
 
 

@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny random pipeline on CPU (smoke test)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     a = p.parse_args(argv)
+    import rehearsal
+    if rehearsal.active():   # gpu_check.sh --rehearse: the same configuration on the tiny pipeline
+        a.tiny = True
     if not a.tiny and not torch.cuda.is_available():
         print("memory_gpu: no CUDA device; the 24 GB configuration is measured on a GPU (--tiny runs the "
               "tiny pipeline on CPU)", file=sys.stderr)
@@ -134,6 +137,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="memory_gpu_") as work:
         r = measure_config(out, a.steps, a.tiny, Path(work), a.set)
     peak = r.get("peak_allocated_bytes") or r.get("peak_rss_bytes")
+    if r["steps"] < a.steps:
+        print(f"memory_gpu: only {r['steps']} of {a.steps} steps ran", file=sys.stderr)
+        return 1
     print(f"memory_gpu: {r['steps']} steps on {r['device']}, peak {peak / 2**30:.2f} GiB -> {out}")
     return 0
 

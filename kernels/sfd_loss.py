@@ -174,18 +174,27 @@ def _launch_config(B: int, D: int, device: torch.device, split_rows: bool) -> tu
     """(BLOCK, CHUNK, n_chunks, num_warps) for a (B, D) problem.
 
     Interpreter: one program per row and big blocks (each program is a numpy loop, fewer is faster).
-    GPU: blocks of 1024 elements; for the reduction, rows are split into chunks so that small
-    batches of big rows still fill the SMs (about 4 programs per SM), and merged back otherwise.
+    GPU: `_gpu_launch_config` with the device's SM count.
     """
     if _INTERPRETED or device.type != "cuda":
         block = min(_next_pow2(D), 4096)
         iters = -(-D // block)
         return block, block * iters, 1, 4
-    block = min(_next_pow2(D), 1024)
+    sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _gpu_launch_config(B, D, split_rows, sm_count)
+
+
+def _gpu_launch_config(B: int, D: int, split_rows: bool, sm_count: int,
+                       max_block: int = 1024) -> tuple[int, int, int, int]:
+    """The GPU launch arithmetic (pure: tested on CPU, and run through the interpreter with a small
+    sm_count / max_block to force several chunks): blocks of max_block elements; for the
+    reduction, rows are split into chunks so that small batches of big rows still fill the SMs
+    (about 4 programs per SM), and merged back otherwise."""
+    block = min(_next_pow2(D), max_block)
     blocks_per_row = -(-D // block)
     iters = 1
     if split_rows:
-        target_programs = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target_programs = 4 * sm_count
         iters = max(1, (B * blocks_per_row) // target_programs)
         iters = min(_next_pow2(iters), 64, _next_pow2(blocks_per_row))
     while -(-blocks_per_row // iters) > _MAX_GRID_Y:

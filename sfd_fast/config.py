@@ -118,6 +118,7 @@ class EngineConfig:
     precision: str = "fp32"           # fp32 | bf16 (autocast compute, fp32 master weights)
     compile: bool = False             # torch.compile the per-network graphs (fullgraph)
     compile_phase: bool = False       # instead: each whole phase (noise, both scores + CFG, loss) as one graph
+    compile_regions: bool = False     # with compile: only the repeated blocks (engine/regional.py; cold compile cost)
     compile_mode: str = "default"     # torch.compile mode: default | max-autotune | reduce-overhead
     channels_last: bool = False       # UNets in channels_last memory format (unmeasured on GPU: off)
     deterministic: bool = False       # CUDA: cudnn.benchmark off, deterministic algorithms, cuBLAS workspace

@@ -87,6 +87,8 @@ def validate_engine(cfg, bad) -> None:
             f"'reduce-overhead', got {e.compile_mode!r}")
     if e.compile and e.compile_phase:
         bad("engine.compile_phase", "compiles the networks inside each phase already; set engine.compile=false")
+    if e.compile_regions and not e.compile:
+        bad("engine.compile_regions", "chooses what engine.compile compiles; set engine.compile=true too")
     if e.memory_limit_gib is not None and not (isinstance(e.memory_limit_gib, (int, float))
                                                and not isinstance(e.memory_limit_gib, bool) and e.memory_limit_gib > 0):
         bad("engine.memory_limit_gib", f"must be null (the device's free memory) or a positive number of GiB, "

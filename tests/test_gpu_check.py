@@ -20,7 +20,8 @@ import gpu_summary  # noqa: E402
 
 # The fake python: gpu_summary.py's probe/env pretend to see a GPU, its other commands and `-c` run
 # in the real interpreter; pip is a no-op; every stage writes plausible result files, except the
-# stage whose arguments contain $FAKE_SLOW (sleeps past any limit) or $FAKE_ABSENT (pytest exit 5).
+# stage whose arguments contain $FAKE_SLOW (sleeps past any limit), $FAKE_ABSENT (pytest exit 5:
+# its selection matched nothing) or $FAKE_NODATA (exits 0 without writing its data file).
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$* | PYTHONPATH=$PYTHONPATH | INDUCTOR=$TORCHINDUCTOR_CACHE_DIR" >>"$FAKE_LOG"
 case "$*" in
@@ -33,10 +34,14 @@ case "$*" in
 esac
 if [ -n "${FAKE_SLOW:-}" ] && [[ "$*" == *"$FAKE_SLOW"* ]]; then sleep 30; exit 0; fi
 if [ -n "${FAKE_ABSENT:-}" ] && [[ "$*" == *"$FAKE_ABSENT"* ]]; then exit 5; fi
+if [ -n "${FAKE_NODATA:-}" ] && [[ "$*" == *"$FAKE_NODATA"* ]]; then exit 0; fi
 prev=""; file=""
-for a in "$@"; do case "$prev" in --benchmark-json|--junitxml|--json) file="$a";; esac; prev="$a"; done
+for a in "$@"; do case "$prev" in --benchmark-json|--junitxml|--json|--results-jsonl) file="$a";; esac; prev="$a"; done
 row() { printf '{"benchmarks": [{"name": "%s", "stats": {"median": %s, "rounds": 3}, "extra_info": %s}]}' "$@"; }
 case "$file" in
+  *.jsonl) printf '{"nodeid": "t::a", "event": "start"}\n{"nodeid": "t::a", "event": "end", "outcome": "passed", "seconds": 1.0}\n' >"$file"
+           if [ -n "${FAKE_TEST_FAIL:-}" ]; then printf '{"nodeid": "t::b", "event": "start"}\n{"nodeid": "t::b", "event": "end", "outcome": "failed", "seconds": 2.0, "message": "x"}\n' >>"$file"; fi;;
+  *ddpm*) printf '{"benchmarks": [{"name": "d[cifar-cuda-fast]", "stats": {"median": 0.1, "rounds": 3}, "extra_info": {"config": "cifar-cuda", "provider": "fast", "batch": 128, "sfd_samples_per_step": 256, "step_s": 0.1}}, {"name": "d[cifar-cuda-baseline]", "stats": {"median": 0.3, "rounds": 3}, "extra_info": {"config": "cifar-cuda", "provider": "baseline", "batch": 128, "sfd_samples_per_step": 256, "step_s": 0.3}}]}' >"$file";;
   *.xml) printf '<testsuites><testsuite><testcase classname="t" name="a"/><testcase classname="t" name="b"><failure message="x"/></testcase></testsuite></testsuites>' >"$file";;
   *memory*) printf '{"peak_allocated_bytes": %s, "steps": 2}' $((20 * 1073741824)) >"$file";;
   *kernels*) row "k[cuda-8x4x64x64-bf16-triton-fwd]" 0.0001 '{"provider": "triton", "mode": "fwd", "gbps": 2000.0}' >"$file";;
@@ -69,14 +74,13 @@ def fake(tmp_path):
     wheels.mkdir()
     (wheels / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"")
     env = dict(STAGE_ENV, FAKE_LOG=str(log), REAL_PYTHON=sys.executable, GPU_CHECK_T_SETUP="3",
-               GPU_CHECK_KILL_GRACE="1", GPU_CHECK_MIN_STAGE="1", FAKE_SLOW="[sd15-baseline]",
-               FAKE_ABSENT="fused")
+               GPU_CHECK_KILL_GRACE="1", GPU_CHECK_MIN_STAGE="1")
     return py, log, env, wheels
 
 
 def test_usage_without_argument():
     r = _run(None)
-    assert r.returncode == 2 and "usage: bench/gpu_check.sh OUT" in r.stderr
+    assert r.returncode == 2 and "usage: bench/gpu_check.sh [--rehearse] OUT" in r.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
@@ -96,6 +100,7 @@ def test_clean_skip_without_cuda(tmp_path):
 
 def test_stages_time_limits_and_partial_summary(fake, tmp_path):
     py, log, env, wheels = fake
+    env = dict(env, FAKE_SLOW="[sd15-baseline]", FAKE_ABSENT="[sd15-fast-compile-phase]", FAKE_TEST_FAIL="1")
     out = tmp_path / "out"
     t0 = time.monotonic()
     r = _run(out, env, wheels=wheels, python=str(py))
@@ -107,9 +112,9 @@ def test_stages_time_limits_and_partial_summary(fake, tmp_path):
     assert len(pip) == 1 and "--no-index --no-deps" in pip[0] and "--target" in pip[0]
     assert str(wheels / "diffusers-0.42.1-py3-none-any.whl") in pip[0]
     stage_calls = [c for c in calls if "bench_step.py" in c or "bench_kernels.py" in c or "memory_gpu.py" in c
-                   or "-m gpu" in c]
-    order = ["[sd15-fast]", "[sd15-baseline]", "bench_kernels.py", "memory_gpu.py", "-m gpu", "fused",
-             "[sd15-fast-compile]"]
+                   or "-m gpu" in c or "bench_ddpm_step.py" in c]
+    order = ["[sd15-fast]", "[sd15-baseline]", "memory_gpu.py", "cifar-cuda", "bench_kernels.py",
+             "-m gpu -p gpu_tier_log", "[sd15-fast-compile]", "[sd15-fast-compile-phase]"]
     assert len(stage_calls) == len(order)
     for call, key in zip(stage_calls, order):
         assert key in call, (key, call)
@@ -123,14 +128,16 @@ def test_stages_time_limits_and_partial_summary(fake, tmp_path):
     st = s["stages"]
     assert st["eager_baseline"]["status"] == "timeout" and st["eager_baseline"]["rc"] in (124, 137)
     assert st["eager_baseline"]["seconds"] <= st["eager_baseline"]["limit_s"] + 3
-    assert st["fused"]["status"] == "absent"
-    for name in ("eager_fast", "kernels", "memory_24gb", "gpu_tests", "compiled"):
+    assert st["fused"]["status"] == "missing" and "matched no case" in st["fused"]["reason"]
+    assert st["gpu_tests"]["status"] == "failed"            # one test failed: not ok, counts kept
+    assert "--per-test-limit" in stage_calls[5] and "--results-jsonl" in stage_calls[5]
+    for name in ("eager_fast", "kernels", "memory_24gb", "compiled", "ddpm"):
         assert st[name]["status"] == "ok", (name, st[name])
-    assert s["status"] == "partial" and s["device"] == "FakeGPU"
+    assert s["status"] == "failed" and s["device"] == "FakeGPU"   # a headline stage (baseline) is lost
     fast = [row for row in s["step"] if row["stage"] == "eager_fast"][0]
     assert fast["samples_per_s"] == pytest.approx(32.0, rel=1e-12)       # 16 samples / 0.5 s
     assert fast["mfu"] == pytest.approx(2e14 / 0.5 / 800e12, rel=1e-12)  # counted work / time / peak
-    assert s["ratios"] == {}   # the baseline timed out: no ratio invented
+    assert s["ratios"] == {"cifar-cuda/ddpm_vs_baseline": pytest.approx(3.0, rel=1e-12)}  # no sd15 ratio invented
     assert s["memory_24gb"]["peak_allocated_gib"] == pytest.approx(20.0) and s["memory_24gb"]["within_target"]
     assert s["gpu_tests"]["passed"] == 1 and s["gpu_tests"]["failed"] == 1
     assert len(s["kernels"]) == 1
@@ -140,7 +147,7 @@ def test_stages_time_limits_and_partial_summary(fake, tmp_path):
 def test_a_killed_run_keeps_the_finished_stages(fake, tmp_path):
     py, log, env, wheels = fake
     out = tmp_path / "out"
-    env = dict(env, GPU_CHECK_T_EAGER_BASELINE="60")  # the slow stage would run 60 s: the whole run is killed
+    env = dict(env, GPU_CHECK_T_EAGER_BASELINE="60", FAKE_SLOW="[sd15-baseline]")  # the whole run is killed
     _run(out, env, wheels=wheels, python=str(py), wrap=("timeout", "10"))
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "running"
@@ -208,7 +215,7 @@ def test_summary_record_and_ratios(tmp_path):
     # the baseline is charged the counted useful work of the fast step, not its own figure
     assert base_row["mfu"] == pytest.approx(2e14 / 2.0 / 790e12, rel=1e-12)
     assert s["stages"]["eager_baseline"]["status"] == "failed" and s["stages"]["kernels"]["status"] == "skipped"
-    assert s["stages"]["compiled"]["status"] == "not run" and s["status"] == "partial"
+    assert s["stages"]["compiled"]["status"] == "not run" and s["status"] == "failed"  # headline baseline failed
 
 
 def test_junit_and_absent_stage(tmp_path):
@@ -219,7 +226,8 @@ def test_junit_and_absent_stage(tmp_path):
     gpu_summary.record(tmp_path, "gpu_tests", 1, 5, 60, tmp_path / "t.xml")
     s = gpu_summary.record(tmp_path, "fused", 5, 3, 50, tmp_path / "missing.json")
     assert s["gpu_tests"]["passed"] == 1 and s["gpu_tests"]["skipped"] == 1 and s["gpu_tests"]["errors"] == 1
-    assert s["stages"]["fused"]["status"] == "absent" and s["status"] == "running"
+    assert s["stages"]["fused"]["status"] == "missing" and s["status"] == "running"
+    assert s["stages"]["gpu_tests"]["status"] == "failed"   # an error is not a pass
 
 
 def test_environment_reports_unloadable_modules(monkeypatch):
@@ -254,5 +262,108 @@ def test_stage_without_numbers_is_not_ok(tmp_path):
     (tmp_path / "e.json").write_text(json.dumps({"benchmarks": []}))
     gpu_summary.record(tmp_path, "eager_fast", 0, 5, 75, tmp_path / "e.json")
     s = gpu_summary.record(tmp_path, "kernels", 0, 5, 75, tmp_path / "never_written.json")
-    assert s["stages"]["eager_fast"]["status"] == "empty" and s["stages"]["kernels"]["status"] == "empty"
-    assert "no numbers" in s["stages"]["kernels"]["reason"]
+    assert s["stages"]["eager_fast"]["status"] == "missing" and s["stages"]["kernels"]["status"] == "missing"
+    assert "no benchmark row" in s["stages"]["eager_fast"]["reason"]
+    assert "data file is missing" in s["stages"]["kernels"]["reason"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutation tests (issue 19): each fault alone turns a green run red (status != ok, exit code 1).
+# --------------------------------------------------------------------------------------------------
+def _fake_run(fake, tmp_path, **faults):
+    py, log, env, wheels = fake
+    out = tmp_path / "out"
+    r = _run(out, dict(env, **faults), wheels=wheels, python=str(py))
+    return r, json.loads((out / "summary.json").read_text())
+
+
+def test_green_run_without_faults(fake, tmp_path):
+    """The control: with every stage measuring, the check says ok and exits 0 (so red is earned)."""
+    r, s = _fake_run(fake, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert s["status"] == "ok" and all(v["status"] == "ok" for v in s["stages"].values())
+
+
+def test_dead_selector_turns_the_summary_red(fake, tmp_path):
+    r, s = _fake_run(fake, tmp_path, GPU_CHECK_K_FUSED="no-such-case", FAKE_ABSENT="no-such-case")
+    assert r.returncode == 1 and s["status"] == "partial"
+    assert s["stages"]["fused"]["status"] == "missing"
+
+
+def test_missing_data_file_turns_the_summary_red(fake, tmp_path):
+    r, s = _fake_run(fake, tmp_path, FAKE_NODATA="memory_gpu.py")
+    assert r.returncode == 1 and s["status"] == "failed"      # memory is a headline stage
+    assert s["stages"]["memory_24gb"]["status"] == "missing"
+    assert "data file is missing" in s["stages"]["memory_24gb"]["reason"]
+
+
+def test_stage_killed_at_its_limit_turns_the_summary_red(fake, tmp_path):
+    r, s = _fake_run(fake, tmp_path, FAKE_SLOW="[sd15-fast-compile]")
+    assert r.returncode == 1 and s["status"] == "partial"
+    assert s["stages"]["compiled"]["status"] == "timeout" and s["stages"]["compiled"]["rc"] in (124, 137)
+
+
+@pytest.mark.parametrize("kind,data,lack", [
+    ("step", {"benchmarks": [{"name": "x", "median_s": None, "config": "sd15", "step_s": None}]}, "no timing"),
+    ("step", {"benchmarks": [{"name": "x", "median_s": 1.0}]}, "no step row"),
+    ("step", {"benchmarks": [{"name": "x", "median_s": float("nan"), "config": "c", "step_s": 1.0}]}, "no timing"),
+    ("pair", {"benchmarks": [{"name": "x", "median_s": 1.0, "provider": "fast"}]}, "both providers"),
+    ("memory", {"json": {"steps": 0, "peak_allocated_bytes": 5}}, "after at least one step"),
+    ("tests", {"junit": {"passed": 0, "failed": 0, "errors": 0, "skipped": 3}}, "no test passed"),
+    ("tests", {"junit": {"passed": 4, "failed": 1, "errors": 0}}, "1 failed"),
+    ("bench", None, "missing or empty"),
+])
+def test_numbers_a_stage_must_hold(kind, data, lack):
+    assert lack in gpu_summary.measured(kind, data)
+
+
+def _default_selectors() -> dict:
+    import re
+    text = SCRIPT.read_text()
+    return dict(re.findall(r'^K_([A-Z]+)="\$\{GPU_CHECK_K_[A-Z]+:-(.*)\}"$', text, flags=re.M))
+
+
+# One process collects every selector against the real suites (pytest.main per selector; the suite
+# modules are imported once), printing "SELECTOR<TAB>exit code<TAB>ids".
+COLLECT = r"""
+import sys, pytest
+class Ids:
+    def __init__(self): self.ids = []
+    def pytest_collection_finish(self, session): self.ids = [i.nodeid.split("::")[-1] for i in session.items]
+for suite, k in zip(sys.argv[1::2], sys.argv[2::2]):
+    plug = Ids()
+    rc = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", suite, "-k", k], plugins=[plug])
+    print(f"SELECTED\t{suite}\t{k}\t{int(rc)}\t{','.join(plug.ids)}")
+"""
+SUITES = {"FAST": "bench/bench_step.py", "BASELINE": "bench/bench_step.py", "COMPILED": "bench/bench_step.py",
+          "FUSED": "bench/bench_step.py", "DDPM": "bench/bench_ddpm_step.py", "KERNELS": "bench/bench_kernels.py"}
+
+
+@pytest.fixture(scope="module")
+def selected():
+    sel = _default_selectors()
+    assert set(sel) == set(SUITES), sel
+    args = [a for stage in SUITES for a in (SUITES[stage], sel[stage])]
+    r = subprocess.run([sys.executable, "-c", COLLECT, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    rows = [line.split("\t") for line in r.stdout.splitlines() if line.startswith("SELECTED\t")]
+    assert len(rows) == len(SUITES), r.stdout[-3000:] + r.stderr[-3000:]
+    return {stage: (int(row[3]), row[4].split(",") if row[4] else []) for stage, row in zip(SUITES, rows)}
+
+
+@pytest.mark.parametrize("stage,expected", [
+    ("FAST", ["test_sfd_step[sd15-fast]"]),
+    ("BASELINE", ["test_sfd_step[sd15-baseline]"]),
+    ("COMPILED", ["test_sfd_step[sd15-fast-compile]"]),
+    ("FUSED", ["test_sfd_step[sd15-fast-compile-phase]"]),
+    ("DDPM", ["test_ddpm_sfd_step[cifar-cuda-fast]", "test_ddpm_sfd_step[cifar-cuda-baseline]"]),
+])
+def test_default_selectors_select_real_cases(selected, stage, expected):
+    """Each stage's default -k, collected against the real suite (no faked case): it selects exactly
+    the cases the stage is for."""
+    rc, ids = selected[stage]
+    assert rc == 0 and ids == expected, (stage, rc, ids)
+
+
+def test_kernel_selector_selects_only_cuda_cases(selected):
+    rc, ids = selected["KERNELS"]
+    assert rc == 0 and len(ids) == 4 * 3 * 3 and all("cuda-" in i for i in ids), ids

@@ -1,6 +1,11 @@
 """GPU tier (`pytest tests -m gpu`, run by bench/gpu_check.sh with TRITON_INTERPRET=0): the Triton
 kernel natively, the compiled step vs eager over several steps, and one SFD step of the
-SD1.5-architecture networks at full size (random weights). Each skips with a reason without CUDA."""
+SD1.5-architecture networks at full size (random weights). Each skips with a reason without CUDA.
+
+Under bench/gpu_check.sh --rehearse (GPU_CHECK_REHEARSE=1) the tier runs on CPU instead, at tiny
+sizes: the Triton kernel under its interpreter, the compiled digits step with Inductor's CPU
+backend, the SD step on the tiny pipeline; same tests, same code, smaller."""
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +19,10 @@ from sfd_fast.trainer import SFDTrainer
 
 from .helpers import tiny_digits_config
 
+REHEARSE = os.environ.get("GPU_CHECK_REHEARSE", "") == "1"   # bench/rehearsal.py
+DEVICE = "cpu" if REHEARSE else "cuda"
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: no CUDA device")]
+              pytest.mark.skipif(not torch.cuda.is_available() and not REHEARSE, reason="GPU tier: no CUDA device")]
 
 
 def _native_kernel():
@@ -24,7 +31,7 @@ def _native_kernel():
 
     if not triton_available():
         pytest.skip("Triton is not installed (`pip install triton`)")
-    if sfd_loss.kernel_interpreted():
+    if sfd_loss.kernel_interpreted() and not REHEARSE:
         pytest.skip("TRITON_INTERPRET=1 is set: run with TRITON_INTERPRET=0 for the native kernel")
     return sfd_loss.sfd_generator_loss
 
@@ -36,11 +43,11 @@ def _native_kernel():
 @pytest.mark.parametrize("shape", [(8, 4, 64, 64), (1, 3, 7, 11), (13, 4, 17, 19)])
 def test_triton_kernel_native_matches_reference(shape, dtype, atol, rtol):
     kernel = _native_kernel()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    xg = torch.randn(shape, device="cuda", generator=g)
-    yr = xg + 0.5 * torch.randn(shape, device="cuda", generator=g)
-    yf = yr + 0.3 * torch.randn(shape, device="cuda", generator=g)
-    up = torch.randn(shape[0], device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    xg = torch.randn(shape, device=DEVICE, generator=g)
+    yr = xg + 0.5 * torch.randn(shape, device=DEVICE, generator=g)
+    yf = yr + 0.3 * torch.randn(shape, device=DEVICE, generator=g)
+    up = torch.randn(shape[0], device=DEVICE, generator=g)
 
     def run(fn, dt):
         ins = [t.to(dt).requires_grad_(True) for t in (xg, yr, yf)]
@@ -61,15 +68,15 @@ def test_triton_kernel_native_matches_reference(shape, dtype, atol, rtol):
 
 
 def _trainer(tmp_path, name, **engine):
-    cfg = load_config(tiny_digits_config(tmp_path, run={"device": "cuda"}))
+    cfg = load_config(tiny_digits_config(tmp_path, run={"device": DEVICE}))
     for k, v in engine.items():
         setattr(cfg.engine, k, v)
     d = tmp_path / name
     d.mkdir()
-    return SFDTrainer(cfg, build_digits_parts(cfg), d, torch.device("cuda"))
+    return SFDTrainer(cfg, build_digits_parts(cfg), d, torch.device(DEVICE))
 
 
-def test_compiled_step_matches_eager_on_cuda(tmp_path):
+def test_compiled_step_matches_eager_on_cuda(tmp_path):  # CPU Inductor under --rehearse
     """Inductor-compiled networks vs eager over 5 steps, fused loss on; no recompiles after step 1."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -98,15 +105,21 @@ def test_sd15_architecture_step_full_size(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import sd_parts
 
-    sd = sd_parts.build_sd15()
-    assert sum(p.numel() for p in sd.unet.parameters()) == pytest.approx(859.5e6, rel=1e-3)
-    cfg = sd_parts.sd_config(1, "bf16", device="cuda")
-    tr = sd_parts.build_fast_trainer(sd, cfg, "cuda", tmp_path)
+    if REHEARSE:
+        from sfd_fast.sd.tiny import build_tiny_sd
+        sd = sd_parts.build_tiny(build_tiny_sd(tmp_path / "tiny_sd"))
+    else:
+        sd = sd_parts.build_sd15(device="cuda")
+        assert sum(p.numel() for p in sd.unet.parameters()) == pytest.approx(859.5e6, rel=1e-3)
+    cfg = sd_parts.sd_config(1, "bf16", device=DEVICE)
+    tr = sd_parts.build_fast_trainer(sd, cfg, DEVICE, tmp_path)
     before = [p.detach().clone() for p in list(tr.generator.parameters())[:4]]
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         tr.train_step()
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        print(f"sd15 full-size step peak allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     assert torch.isfinite(tr.stats).all() and tr.skipped.tolist() == [0.0, 0.0]
     assert any(not torch.equal(a, p) for a, p in zip(before, tr.generator.parameters()))
-    print(f"sd15 full-size step peak allocated {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

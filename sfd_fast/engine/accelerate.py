@@ -122,7 +122,11 @@ def compile_networks(denoisers, engine_cfg, backend: str | None = None) -> list[
         if id(net) in seen:
             continue
         seen.add(id(net))
-        net.compile(backend=backend, dynamic=False, fullgraph=True, **kwargs)
+        if getattr(engine_cfg, "compile_regions", False):  # repeated blocks only (engine/regional.py)
+            from .regional import compile_regions
+            compile_regions(net, backend, **kwargs)
+        else:
+            net.compile(backend=backend, dynamic=False, fullgraph=True, **kwargs)
         nets.append(net)
     log.info("engine.compile: torch.compile(backend=%s, dynamic=False, fullgraph=True%s) on %d networks",
              backend, "".join(f", {k}={v}" for k, v in kwargs.items()), len(nets))
