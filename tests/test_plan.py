@@ -28,6 +28,7 @@ PRIMITIVES = ["set_attn_processor(", "enable_xformers_memory_efficient_attention
 ALLOWED = {
     "engine/plan.py": "the plan",
     "engine/accelerate.py": "the helpers the plan calls",
+    "engine/regional.py": "engine.compile_regions: the per-block compile that accelerate.compile_networks calls",
     "engine/__init__.py": "defines make_backend",
     "engine/autobatch.py": "defines resolve_auto_micro_batch",
     "denoisers.py": "defines FrozenFakeScore",
