@@ -37,13 +37,16 @@ def pytest_addoption(parser):
                      help="record results from a tree with uncommitted changes (the file is marked DIRTY_TREE)")
 
 
-def tree_state(root: str = ROOT) -> dict:
-    """{"commit", "dirty", "changes"} of the checkout at `root` (commit None outside git)."""
+def tree_state(root: str = ROOT, ignore: tuple = ()) -> dict:
+    """{"commit", "dirty", "changes"} of the checkout at `root` (commit None outside git); `ignore`:
+    paths that do not count as changes (the results file this very run writes)."""
     def git(*args):
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else None
     commit = git("rev-parse", "HEAD")
-    changes = (git("status", "--porcelain") or "").splitlines() if commit else []
+    skip = {os.path.realpath(p) for p in ignore}
+    changes = [line for line in ((git("status", "--porcelain") or "").splitlines() if commit else [])
+               if os.path.realpath(os.path.join(root, line[3:].strip('"'))) not in skip]
     return {"commit": commit, "dirty": bool(changes) or commit is None, "changes": changes[:50]}
 
 
@@ -52,13 +55,32 @@ def _records_results(config) -> bool:
     return bool(opt("benchmark_json", None) or opt("benchmark_save", None) or opt("benchmark_autosave", None))
 
 
+def _results_file(config):
+    """The --benchmark-json path (pytest-benchmark 4 opens it as a file at start, 5 keeps the path)."""
+    value = config.getoption("benchmark_json", None)
+    return getattr(value, "name", value)
+
+
+def _drop_empty_results_file(config) -> None:
+    """pytest-benchmark 4 opens --benchmark-json for writing before any test: a refused run would
+    leave an empty file behind. Remove it (only when empty, i.e. created by this run)."""
+    value = config.getoption("benchmark_json", None)
+    if hasattr(value, "close"):
+        value.close()
+    path = _results_file(config)
+    if isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == 0:
+        os.remove(path)
+
+
 def pytest_sessionstart(session):
     config = session.config
-    state = config._sfd_fast_tree = tree_state()
+    out = _results_file(config)
+    state = config._sfd_fast_tree = tree_state(ignore=(out,) if isinstance(out, str) else ())
     if state["dirty"] and _records_results(config):
         what = ("not a git checkout" if state["commit"] is None
                 else f"uncommitted changes at {state['commit'][:12]}: {', '.join(state['changes'][:5])}")
         if not config.getoption("allow_dirty"):
+            _drop_empty_results_file(config)
             pytest.exit(f"refusing to record benchmark results from a dirty tree ({what}); commit first, "
                         "or pass --allow-dirty to record a file marked DIRTY_TREE", returncode=2)
         print(f"\nWARNING: recording benchmark results from a dirty tree ({what}); the file is marked DIRTY_TREE",
