@@ -1,13 +1,14 @@
 """Write requirements/matrix/<env>.json from one matrix venv (requirements/matrix.sh calls this with the
 venv's own python, so `python` below is that environment's interpreter).
 
-    python requirements/matrix_record.py ENV VENV_DIR COMMIT EXIT_CODE
+    python requirements/matrix_record.py ENV VENV_DIR COMMIT EXIT_CODE [RERUN_COMMIT]
     python requirements/matrix_record.py --failed JUNIT_XML      # node ids of failed / errored tests
 
 A test that failed is run once more on its own (matrix.sh: VENV_DIR/rerun.xml). The record keeps the
 first run's counts and lists each re-run test with its outcome; the environment counts as passed only
 when every failure passed on its re-run (e.g. a subprocess time limit hit on a loaded machine), and the
-table says how many were re-run.
+table says how many were re-run. RERUN_COMMIT: the commit the re-runs ran at, when a fix landed
+between the tier run and the re-runs (the record and the table then name both commits).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def failed_ids(junit: Path, root: Path = Path(".")) -> list[str]:
     return sorted(set(ids))
 
 
-def main(env: str, venv: Path, commit: str, rc: int) -> dict:
+def main(env: str, venv: Path, commit: str, rc: int, rerun_commit: str | None = None) -> dict:
     pins = {}
     for line in (venv / "freeze.txt").read_text().splitlines():
         if "==" in line:
@@ -75,6 +76,8 @@ def main(env: str, venv: Path, commit: str, rc: int) -> dict:
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
            "versions": {k: pins[k] for k in KEYS if k in pins}, **counts, "reruns": reruns, "exit_code": rc,
            "status": status}
+    if reruns and rerun_commit and rerun_commit != commit:
+        rec["rerun_commit"] = rerun_commit
     out = Path(__file__).resolve().parent / "matrix" / f"{env}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rec, indent=1) + "\n")
@@ -85,4 +88,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "--failed":
         print("\n".join(failed_ids(Path(sys.argv[2]))))
     else:
-        print(json.dumps(main(sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))
+        print(json.dumps(main(sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
+                              sys.argv[5] if len(sys.argv) > 5 else None)))

@@ -47,7 +47,9 @@ def _status(r: dict) -> str:
     if not n:
         return r["status"]
     ok = sum(x["passed_on_rerun"] for x in r["reruns"])
-    return f"{r['status']} ({n} failed, {ok} of them passed when re-run alone: {', '.join(x['test'] for x in r['reruns'])})"
+    at = f" at {r['rerun_commit']}" if r.get("rerun_commit") else ""
+    return (f"{r['status']} ({n} failed, {ok} of them passed when re-run alone{at}: "
+            f"{', '.join(x['test'] for x in r['reruns'])})")
 
 
 def supported_range(recs: list[dict]) -> str:
