@@ -19,7 +19,7 @@ def _between(text, marks):
 def test_records_exist_and_are_complete():
     recs = matrix_table.records()
     envs = {r["environment"] for r in recs}
-    assert "locked" in envs and envs <= set(matrix_table.ORDER), envs
+    assert {"oldest", "newest"} <= envs <= set(matrix_table.ORDER), envs   # locked: CI runs it on every submission
     for r in recs:
         assert r["commit"] and not r["commit"].endswith("-dirty"), f"{r['environment']}: run on a dirty tree"
         assert r["passed"] > 0 or r["status"] != "passed"
