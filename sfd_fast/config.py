@@ -16,6 +16,7 @@ from typing import Any, Optional
 from .config_ddpm import DDPMConfig, DDPMNetConfig  # noqa: F401  (DDPMNetConfig: ddpm/model.py)
 from .config_edm import EDMConfig
 from .errors import UserError
+from .quality import TargetsConfig, validate_quality
 from .trackers import LogConfig, validate_trackers
 from .evaluation.attacks.config import AdversarialTrainingConfig, AttacksConfig, validate_adversarial, validate_attacks
 
@@ -108,6 +109,7 @@ class TrainConfig:
     progress: bool = True             # tqdm bar (only on a terminal)
     keep_checkpoints: int = 0         # > 0: keep only the newest N checkpoints (0 = keep all)
     max_consecutive_skips: int = 50   # stop (checkpoint, exit 3) after this many skipped updates in a row
+    time_limit_s: float = 0.0         # > 0: stop (then finish normally) once SFD time reaches it (quality.py)
     ema: EMAConfig = field(default_factory=EMAConfig)
     adversarial: AdversarialTrainingConfig = field(default_factory=AdversarialTrainingConfig)  # docs/robustness.md
 
@@ -176,6 +178,7 @@ class EvalConfig:
     clip_prompts: int = 8             # stable_diffusion: prompts per forget concept / validation set
     clip_images_per_prompt: int = 2   # stable_diffusion: fixed-seed one-step samples per prompt
     report: bool = True               # write report.html at the end of the run
+    targets: TargetsConfig = field(default_factory=TargetsConfig)   # time_to_target in eval.json (quality.py)
     attacks: AttacksConfig = field(default_factory=AttacksConfig)   # worst-case forgetting (docs/robustness.md)
 
 
@@ -360,6 +363,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     if ev.every < 0:
         bad("eval.every", f"must be >= 0 (0 = no evaluation during training), got {ev.every}")
     validate_attacks(ev.attacks, bad, cfg.model.kind, ev.every)
+    validate_quality(cfg, bad)   # eval.targets, train.time_limit_s
     validate_adversarial(t.adversarial, bad, cfg.model.kind, cfg.engine.backend)
 
 

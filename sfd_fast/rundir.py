@@ -28,7 +28,8 @@ log = logging.getLogger("sfd_fast")
 # keys that change the length, cadences, evaluation or logging of a run, never its math or its draws
 RESUMABLE = ("train.total_steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
              "log.trackers", "train.progress", "train.keep_checkpoints", "train.max_consecutive_skips",
-             "eval.enabled", "eval.samples_per_class", "eval.teacher_steps")
+             "eval.enabled", "eval.samples_per_class", "eval.teacher_steps", "train.time_limit_s",
+             "eval.targets.fd_ratio", "eval.targets.ua", "eval.targets.retained")
 HISTORY = "config_history.jsonl"
 
 

@@ -233,6 +233,10 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
         if trainer.step >= cfg.train.total_steps:
             raise UserError(f"--resume {run_dir}: the run is complete (step {trainer.step}, train.total_steps="
                             f"{cfg.train.total_steps}); to train further pass --set train.total_steps=N")
+        if trainer.clock.over_limit():
+            raise UserError(f"--resume {run_dir}: the run used its train.time_limit_s={cfg.train.time_limit_s:g} "
+                            f"({trainer.clock.total:.1f} s of SFD); to train further pass a larger "
+                            "--set train.time_limit_s=S (or 0 for none)")
         if rank0:
             trim_stats(run_dir, trainer.step)
             record_resume(run_dir, cfg, changes, trainer.step)

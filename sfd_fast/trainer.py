@@ -38,6 +38,7 @@ from .engine.plan import plan_acceleration
 from .engine.telemetry import gpu_telemetry
 from .generator import OneStepGenerator
 from .guard import RunGuard
+from .sfd_clock import SFDClock
 from .step import NUM_STATS, PhaseContext, tick_losses
 from .trackers import Trackers
 
@@ -77,6 +78,7 @@ class SFDTrainer:
         self.rng = torch.Generator(device=device).manual_seed(cfg.run.seed)
         self.step = 0
         self.nimg = 0
+        self.clock = SFDClock(device, t.time_limit_s)     # SFD seconds, evaluation excluded (sfd_clock.py)
         self.skipped = torch.zeros(2, device=device)      # (fake_score, generator) skipped updates
         # forget targets (several classes / concepts in one run): per-target loss statistics
         self.target_names = list(getattr(parts.task, "target_names", None) or ["forget"])
@@ -150,7 +152,8 @@ class SFDTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        state = {"step": self.step, "nimg": self.nimg, "skipped": self.skipped.tolist(),
+        state = {"step": self.step, "nimg": self.nimg, "sfd_seconds": self.clock.seconds(),
+                 "skipped": self.skipped.tolist(),
                  "data_position": {"rng_draws": "in rng.safetensors"}}
         path = self.backend.save(state)
         if self.backend.is_rank0:
@@ -161,6 +164,7 @@ class SFDTrainer:
         from .rundir import load_newest_usable   # the newest checkpoint that verifies and loads
         state, ck = load_newest_usable(self.backend, run_dir)
         self.step, self.nimg = state["step"], state["nimg"]
+        self.clock.total = float(state.get("sfd_seconds", 0.0))   # checkpoints before issue #22: 0
         self.skipped.copy_(torch.tensor(state["skipped"], device=self.device))
         self.guard.prev.copy_(self.skipped)
         if self.backend.is_rank0:
@@ -184,6 +188,7 @@ class SFDTrainer:
         batch = self.cfg.train.batch_size
         rec = {
             "step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
+            "sfd_seconds": self.clock.seconds(),    # after the host read above: honest on CUDA too
             "samples_per_s": steps_in_tick * 2 * batch / dt,   # remain + forget rows per step
             "sec_per_kimg": dt / max(steps_in_tick * batch / 1000, 1e-9),
             **tick_losses(st, self.target_names),    # {net}_loss/remain, /forget[, /forget/<target>]
@@ -231,6 +236,7 @@ class SFDTrainer:
         with torch.compiler.set_stance("force_eager"):   # other batch sizes: no new compiled graph
             metrics = self.parts.evaluate_during(gen)
         rec = {"step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
+               "sfd_seconds": self.clock.seconds(),     # the clock is paused during evaluation
                **{f"eval/{k}": v for k, v in metrics.items()}}
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -254,25 +260,36 @@ class SFDTrainer:
         bar = tqdm(total=total, initial=self.step, desc="SFD", unit="step", dynamic_ncols=True) if show_bar else None
         reset_peak_memory(self.device)
         t0, tick_start = time.time(), self.step
+        self.clock.start()
         while self.step < total:
             self.train_step()
             self.guard.after_step()
+            last = self.step == total or self.clock.over_limit()   # train.time_limit_s: finish normally here
             if bar is not None:
                 bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == total:
+            if self.step % cfg.log_every == 0 or last:
                 records.append(self._tick(t0, self.step - tick_start, bar))
                 reset_peak_memory(self.device)
                 t0, tick_start = time.time(), self.step
-            if self.step % cfg.sample_every == 0 or self.step == total:
-                self.save_grid(f"step-{self.step:08d}.png")
-            if eval_every and (self.step % eval_every == 0 or self.step == total):
-                self.evaluate_during()
-            if self.step != total:
-                self.backend.release_sampling()   # grid + eval share one copy; the last is kept (finish)
-            saved = self.step % cfg.checkpoint_every == 0 or self.step == total
-            if saved:
-                self.save()
-            self.guard.check(saved, final=self.step == total)
+            grid = self.step % cfg.sample_every == 0 or last
+            evaluate = eval_every and (self.step % eval_every == 0 or last)
+            saved = self.step % cfg.checkpoint_every == 0 or last
+            with self.clock.paused(grid or evaluate or saved):   # not SFD time; syncs only here (sfd_clock.py)
+                if grid:
+                    self.save_grid(f"step-{self.step:08d}.png")
+                if evaluate:
+                    self.evaluate_during()
+                if not last:
+                    self.backend.release_sampling()   # grid + eval share one copy; the last is kept (finish)
+                if saved:
+                    self.save()
+            self.guard.check(saved, final=last)
+            if last:
+                break
+        self.clock.stop()
+        if self.step < total and self.backend.is_rank0:
+            log.info("train.time_limit_s=%g reached at step %d (%.1f s of SFD)", cfg.time_limit_s, self.step,
+                     self.clock.seconds())
         if bar is not None:
             bar.close()
         self.backend.finish()

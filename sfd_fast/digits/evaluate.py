@@ -122,15 +122,36 @@ def evaluate_digits(classifier, final_gen, init_gen, teacher: Denoiser, forget_c
     }
 
 
+DURING_SEED = 11   # forget rows: seed, remain rows: seed + 1, the teacher's DDIM noise: seed + 2 (as evaluate_digits)
+
+
+@torch.no_grad()
+def teacher_fd(classifier, teacher: Denoiser, labels_remain, real_feats, steps: int, seed: int) -> float:
+    """FD of the teacher's `steps`-step DDIM samples of `labels_remain` (clamped as saved images)."""
+    x = ddim_sample(teacher, labels_remain, steps, seed).clamp(-1, 1)
+    return frechet_distance(real_feats, classifier.features(x).cpu().numpy())
+
+
 def make_evaluate_during(cfg, parts, device):
     """The digits evaluation during training (eval.every): UA per forgotten digit, retained accuracy
-    and FD on `eval.during_samples_per_class` fixed-seed samples per class; -> callable(generator)."""
+    and FD on `eval.during_samples_per_class` fixed-seed samples per class; -> callable(generator).
+    The teacher's FD on the same sample count, seed scheme and features (`eval.teacher_steps` DDIM
+    steps, as the final evaluation) is computed once, here, before training: each record carries it
+    as fd_teacher and fd_ratio = fd / fd_teacher (sfd_fast/quality.py)."""
     from ..conditions import forget_targets
     from .pretrain import get_digits_classifier
 
     classifier = get_digits_classifier(cfg)[0].to(device)
     forget = forget_targets(cfg.sfd)[0]
     real_feats = remain_real_features(classifier, forget, device)
+    n = cfg.eval.during_samples_per_class
+    remain = [c for c in range(cfg.sfd.num_classes) if c not in _as_list(forget)]
+    labels_remain = torch.tensor(remain, device=device).repeat_interleave(n)
+    teacher = parts.teacher.to(device).eval()
+    teacher.schedule.to(device)
+    fd_teacher = teacher_fd(classifier, teacher, labels_remain, real_feats, cfg.eval.teacher_steps, DURING_SEED + 2)
+    log.info("evaluation during training: teacher FD %.4g (%d-step DDIM, %d samples per class)", fd_teacher,
+             cfg.eval.teacher_steps, n)
     attack_during = None
     if cfg.eval.attacks.during:   # worst-case forgetting during training (docs/robustness.md)
         from .surrogate import make_attack_during
@@ -138,12 +159,13 @@ def make_evaluate_during(cfg, parts, device):
 
     @torch.no_grad()
     def evaluate(gen) -> dict:
-        m, _ = forgetting_metrics(classifier, gen, forget, cfg.sfd.num_classes,
-                                  cfg.eval.during_samples_per_class, seed=11, real_feats=real_feats)
+        m, _ = forgetting_metrics(classifier, gen, forget, cfg.sfd.num_classes, n, seed=DURING_SEED,
+                                  real_feats=real_feats)
         out = {f"ua/{c}": v for c, v in m["ua_per_class"].items()}
         if attack_during is not None:
             out.update(attack_during(gen))
-        return {**out, "retained_accuracy": m["retained_accuracy"], "fd": m["fd"]}
+        return {**out, "retained_accuracy": m["retained_accuracy"], "fd": m["fd"], "fd_teacher": fd_teacher,
+                "fd_ratio": m["fd"] / fd_teacher if fd_teacher > 0 else float("inf")}
     return evaluate
 
 
@@ -162,9 +184,25 @@ def evaluate_run(cfg, parts, trainer, run_dir: Path) -> dict:
                               cfg.sfd.num_classes, cfg.eval.samples_per_class, cfg.eval.teacher_steps)
     metrics["classifier_accuracy"] = clf_meta["heldout_accuracy"]
     metrics["step"] = trainer.step
+    metrics.update(quality_summary(cfg, run_dir, metrics, trainer.clock.seconds()))
     atomic_write_json(run_dir / "eval.json", metrics)
     grid = run_dir / "samples_final.png"
     parts.save_grid(trainer.generator_ema, grid)
     log.info("eval: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}))
     log.info("eval.json: %s  grid (one row per digit 0-9): %s", run_dir / "eval.json", grid)
     return {"eval": metrics, "grid": str(grid)}
+
+
+def quality_summary(cfg, run_dir: Path, final: dict, sfd_seconds: float) -> dict:
+    """eval.json's quality-against-time keys (sfd_fast/quality.py): the final fd ratio and whether the
+    final evaluation meets eval.targets, time_to_target and the curve from stats.jsonl's eval records."""
+    from ..evaluation.report import read_stats
+    from ..quality import meets_targets, quality_curve, time_to_target
+    tg = cfg.eval.targets
+    ratio = final["fd_final"] / final["fd_teacher"] if final["fd_teacher"] > 0 else float("inf")
+    as_record = {"eval/fd_ratio": ratio, "eval/retained_accuracy": final["retained_accuracy"],
+                 **{f"eval/ua/{c}": v for c, v in final["ua_per_class"].items()}}
+    evals = read_stats(run_dir)[1]
+    every = cfg.eval.every if cfg.eval.enabled else 0
+    return {"sfd_seconds": sfd_seconds, "fd_ratio": ratio, "final_meets_targets": meets_targets(as_record, tg),
+            "time_to_target": time_to_target(evals, tg, every), "curve": quality_curve(evals)}

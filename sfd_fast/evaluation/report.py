@@ -5,6 +5,7 @@ Sections (each an element with a fixed id, so tests and readers can find them):
   losses       per network (fake score, generator): remain, forget, and each forget target
   throughput   samples/s and peak memory per logging tick
   evaluation   the evaluation-during-training curves ("eval/..." records of stats.jsonl)
+  quality      fd_ratio, UA and retained against SFD seconds, targets drawn, time_to_target (report_quality.py)
   samples      the sample grids over time: the first, up to three in between, the last, the final grid
   final-eval   eval.json as a table
   plan         the acceleration plan (acceleration_plan.json, else the config's engine section)
@@ -32,6 +33,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text
 from ..trackers import flatten
 from .report_context import environment_section, plan_section
+from .report_quality import quality_section
 from .attacks.table import html_section as attacks_html_section
 
 NETWORKS = ("fake_score_loss", "generator_loss")
@@ -190,6 +192,7 @@ def render_report(run_dir: Path) -> str:
     sections = [("losses", "Losses per network and target", losses),
                 ("throughput", "Throughput and memory", throughput),
                 ("evaluation", "Evaluation during training", curves),
+                ("quality", "Quality against SFD time", quality_section(plt, run_dir, evals, config, _figure_tag)),
                 ("samples", "Sample grids over time", _sample_section(run_dir)),
                 ("final-eval", "Final evaluation (eval.json)", _final_eval_section(run_dir)),
                 ("plan", "Acceleration plan", plan_section(run_dir, config)),
