@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="common", nargs="+", default=[], metavar="KEY=VALUE",
                    help="overrides added to every setting (before its own)")
     p.add_argument("--root", default=str(ROOT / "runs"), help="run.root (the cached teacher lives in ROOT/cache)")
-    p.add_argument("--runs-dir", help="where the runs go (default ROOT/quality_sweep/<UTC time>)")
+    p.add_argument("--runs-dir", help="where the runs go (default <--root>/quality_sweep/<UTC time>)")
     p.add_argument("--out", help="results JSON (default bench/results/<date>_quality-sweep.json)")
     p.add_argument("--doc", default=str(ROOT / "docs" / "quality.md"), help="markdown file to update ('' = none)")
     return p.parse_args(argv)
@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     settings = load_settings(args)
     check_settings(args, settings)
     now = datetime.datetime.now(datetime.timezone.utc)
-    runs_dir = Path(args.runs_dir or ROOT / "quality_sweep" / now.strftime("%Y%m%d-%H%M%S"))
+    runs_dir = Path(args.runs_dir or Path(args.root) / "quality_sweep" / now.strftime("%Y%m%d-%H%M%S"))
     out = Path(args.out or ROOT / "bench" / "results" / f"{now:%Y-%m-%d}_quality-sweep.json")
     sys.path.insert(0, str(ROOT))
     from sfd_fast.config import load_config

@@ -3,7 +3,8 @@
 Three panels against sfd_seconds (seconds of SFD training, evaluation excluded): fd_ratio (the
 during-evaluation FD over the teacher's FD on the same samples), UA per forgotten class, and retained
 accuracy, each with its target from eval.targets drawn as a dashed line; above them, one sentence with
-time_to_target (eval.json's when the run has one, else computed from stats.jsonl and config.json).
+time_to_target (eval.json's when the run has one, else computed from stats.jsonl and config.json),
+also drawn as a vertical line when the targets were met.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def time_to_target_sentence(ttt: dict) -> str:
 def quality_section(plt, run_dir: Path, evals: list[dict], config: dict, figure_tag) -> str:
     """HTML of the section; `plt` None (no matplotlib) gives the sentence without plots."""
     targets = _targets(config)
-    sentence = f'<p id="time-to-target">{html.escape(time_to_target_sentence(_time_to_target(run_dir, evals, config, targets)))}</p>'
+    ttt = _time_to_target(run_dir, evals, config, targets)
+    sentence = f'<p id="time-to-target">{html.escape(time_to_target_sentence(ttt))}</p>'
     points = quality_records(evals)
     if not points:
         return sentence + "<p>no evaluation records with fd_ratio and sfd_seconds (eval.every > 0 on a digits run writes them).</p>"
@@ -64,6 +66,8 @@ def quality_section(plt, run_dir: Path, evals: list[dict], config: dict, figure_
         for label, y in lines:
             ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, label=label)
         ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:g}")
+        if ttt.get("sfd_seconds") is not None:
+            ax.axvline(ttt["sfd_seconds"], color="g", linestyle=":", linewidth=1, label="time to target")
         ax.set_title(title)
         ax.set_xlabel("SFD seconds (evaluation excluded)")
         ax.grid(alpha=0.3)
