@@ -131,13 +131,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def tree_state() -> dict:
+def tree_state(ignore: tuple = ()) -> dict:
+    """{"commit", "clean", "changes"}: uncommitted changes (untracked files included) other than the
+    results files a sweep writes (bench/results/, and `ignore`: the table's document)."""
     def git(*a):
         out = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "clean": commit is not None and not status}
+        return out.stdout if out.returncode == 0 else None
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    skip = {os.path.realpath(p) for p in ignore}
+    changes = [line for line in (git("status", "--porcelain") or "").splitlines()
+               if not line[3:].startswith("bench/results/") and os.path.realpath(ROOT / line[3:].strip('"')) not in skip]
+    return {"commit": commit, "clean": commit is not None and not changes, "changes": changes[:20]}
 
 
 def _num(v, fmt="{:.3f}") -> str:
@@ -199,9 +203,11 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(ROOT))
     from sfd_fast.config import load_config
     targets = load_config(args.config, run_overrides(args, [], args.seeds[0])).eval.targets
-    results = {"meta": {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT) if argv is None else
+    tree = tree_state(ignore=(args.doc,) if args.doc else ())
+    results = {"commit_info": {"id": tree["commit"], "dirty": not tree["clean"]},   # as pytest-benchmark's files
+               "meta": {"command": shlex.join([os.path.relpath(sys.argv[0], ROOT) if argv is None else
                                                "bench/quality_sweep.py", *(sys.argv[1:] if argv is None else argv)]),
-                        "cpu": cpu_model(), "cpus": os.cpu_count(), "tree": tree_state(),
+                        "cpu": cpu_model(), "cpus": os.cpu_count(), "tree": tree,
                         "date_utc": now.strftime("%Y-%m-%d %H:%M UTC"), "time_limit_s": args.time_limit_s,
                         "eval_every": args.eval_every, "config": os.path.relpath(args.config, ROOT),
                         "targets": targets.__dict__},
