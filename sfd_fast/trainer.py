@@ -188,7 +188,6 @@ class SFDTrainer:
         batch = self.cfg.train.batch_size
         rec = {
             "step": self.step, "kimg": self.nimg / 1000, "time": time.time(),
-            "sfd_seconds": self.clock.seconds(),    # after the host read above: honest on CUDA too
             "samples_per_s": steps_in_tick * 2 * batch / dt,   # remain + forget rows per step
             "sec_per_kimg": dt / max(steps_in_tick * batch / 1000, 1e-9),
             **tick_losses(st, self.target_names),    # {net}_loss/remain, /forget[, /forget/<target>]
