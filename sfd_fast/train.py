@@ -240,7 +240,8 @@ def train_run(args, cfg, trainer, run_dir: Path, device, rank0: bool, changes) -
         if rank0:
             trim_stats(run_dir, trainer.step)
             record_resume(run_dir, cfg, changes, trainer.step)
-    log.info("run dir %s: %d steps, batch %d remain + %d forget per step", run_dir, cfg.train.total_steps,
+    log.info("run dir %s: %d steps%s, batch %d remain + %d forget per step", run_dir, cfg.train.total_steps,
+             f" or {cfg.train.time_limit_s:g} s of SFD" if cfg.train.time_limit_s > 0 else "",
              cfg.train.batch_size, cfg.train.batch_size)
     if rank0:
         record_environment(run_dir, device, trainer.backend.world, trainer.step)
