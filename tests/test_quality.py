@@ -180,6 +180,8 @@ def test_time_limit_stops_early_and_resume_keeps_sfd_seconds(tmp_path, fake_time
     section = re.search(r'<section id="quality">(.*?)</section>', page, flags=re.S).group(1)
     assert "first met after 0.0 s of SFD training (step 0); held at the end" in section
     assert 'src="data:image/png;base64,' in section
+    final = re.search(r'<section id="final-eval">(.*?)</section>', page, flags=re.S).group(1)
+    assert "<td>time_to_target/held_at_end</td><td>True</td>" in final and "<td>curve" not in final
     # the budget is used up: a resume with the same limit is refused, naming the key
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(run)])

@@ -159,8 +159,10 @@ def _final_eval_section(run_dir: Path) -> str:
         return f"<p>eval.json is not valid JSON: {html.escape(str(e))}</p>"
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, list) else str(v)
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(fmt(v))}</td></tr>" for k, v in flatten(data).items())
-    return f"<table><tr><th>metric</th><th>value</th></tr>{body}</table>"
+    shown = {k: v for k, v in data.items() if k != "curve"} if isinstance(data, dict) else data
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(fmt(v))}</td></tr>" for k, v in flatten(shown).items())
+    note = "<p>eval.json's <code>curve</code> is plotted in the quality section.</p>" if shown is not data else ""
+    return f"{note}<table><tr><th>metric</th><th>value</th></tr>{body}</table>"
 
 
 STYLE = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px} img{max-width:100%} "
