@@ -190,3 +190,32 @@ def test_time_limit_stops_early_and_resume_keeps_sfd_seconds(tmp_path, fake_time
     state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["sfd_seconds"] == 8.0
     assert [(r["step"], r["sfd_seconds"]) for r in read_stats(run)[1]][-2:] == [(6, 6.0), (8, 8.0)]
+
+
+def test_the_clock_syncs_the_device_only_where_the_loop_pauses(tmp_path, monkeypatch):
+    """On CUDA the clock waits for the device when it pauses (before evaluation, grids, checkpoints,
+    which read the device anyway) and at the end: never per step. Counted on CPU through the
+    synchronize call a CUDA clock makes."""
+    import torch
+
+    from sfd_fast.sfd_clock import SFDClock
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    clock = SFDClock(torch.device("cuda"))
+    clock.start()
+    for _ in range(100):
+        clock.over_limit(), clock.seconds()
+        with clock.paused(False):
+            pass
+    assert calls == []
+    with clock.paused():
+        assert clock._since is None
+    assert len(calls) == 1 and clock._since is not None
+    # in the loop: 10 steps, evaluation / grid / checkpoint every 5 -> pauses at steps 5 and 10, then the end
+    trainer, _ = _trainer(tmp_path, lambda gen: {"x": 1.0}, total_steps=10, checkpoint_every=5, sample_every=5,
+                          log_every=1)
+    trainer.cfg.eval.every = 5
+    trainer.clock.device = torch.device("cuda")
+    calls.clear()
+    trainer.train()
+    assert len(calls) == 3
