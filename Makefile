@@ -93,7 +93,7 @@ bench: $(VENV)/.installed-test
 # checkout importable from its root).
 DEVICE_VENV ?= .venv-device
 DEVICE_PY := $(DEVICE_VENV)/bin/python
-DEVICE_RUN = PYTHONPATH=$(CURDIR)/$(DEVICE_VENV)/wheel-site:$(CURDIR) $(CURDIR)/$(DEVICE_PY)
+DEVICE_RUN = PYTHONPATH=$(abspath $(DEVICE_VENV))/wheel-site:$(CURDIR) $(abspath $(DEVICE_PY))
 REHEARSAL_OUT ?= runs/gpu_check_rehearsal
 
 .PHONY: device-replica rehearse wheelhouse
@@ -110,4 +110,4 @@ wheelhouse: device-replica
 # Every stage of bench/gpu_check.sh on CPU in the replica at a tiny configuration; exit 0 only when
 # every stage selected, ran and recorded its numbers (summary status ok).
 rehearse: device-replica
-	bash bench/gpu_check.sh --rehearse $(REHEARSAL_OUT)
+	PYTHON=$(abspath $(DEVICE_PY)) bash bench/gpu_check.sh --rehearse $(REHEARSAL_OUT)

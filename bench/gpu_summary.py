@@ -88,9 +88,34 @@ def check_imports() -> int:
     return 1 if bad else 0
 
 
+def checkout(root: Path | None = None) -> dict:
+    """The commit the check runs on and whether tracked files differ from it (a result counts only
+    from a clean tree). The device gets a copy of the working tree, possibly without .git: then the
+    caller's GPU_CHECK_COMMIT (and GPU_CHECK_TREE_CLEAN=1/0) say it, else both are unknown (null)."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout if r.returncode == 0 else None
+    head = git("rev-parse", "HEAD")
+    if head:
+        changed = (git("status", "--porcelain", "--untracked-files=no") or "").splitlines()
+        return {"commit": head.strip(), "tree_clean": not changed, "changed": [c[3:] for c in changed][:20],
+                "source": "git"}
+    flag = os.environ.get("GPU_CHECK_TREE_CLEAN")
+    return {"commit": os.environ.get("GPU_CHECK_COMMIT") or None,
+            "tree_clean": None if flag is None else flag == "1", "changed": [], "source": "environment"}
+
+
 def probe() -> dict:
-    """torch only: versions, and the device when CUDA is usable."""
-    info = {"python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    """torch only: versions, the checkout, and the device when CUDA is usable."""
+    info = {"python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "checkout": checkout()}
     try:
         import torch
     except Exception as err:
@@ -243,7 +268,7 @@ def write_summary(out: Path, final: bool = True, skip_reason: str | None = None)
     summary = {
         "status": status, "reason": skip_reason, "mode": "rehearsal" if env.get("rehearsal") else "device",
         "headline": list(HEADLINE), "device": env.get("device"), "torch": env.get("torch"),
-        "cuda": env.get("cuda"), "python": env.get("python"), "peak_bf16_tflops": env.get("peak_bf16_tflops"),
+        "cuda": env.get("cuda"), "python": env.get("python"), "checkout": env.get("checkout"), "peak_bf16_tflops": env.get("peak_bf16_tflops"),
         "versions": env.get("versions", {}), "unavailable_modules": env.get("unavailable", {}),
         "stages": {s: {k: v for k, v in stages.get(s, {"status": "not run"}).items() if k != "data"}
                    for s in STAGES},

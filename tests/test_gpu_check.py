@@ -367,3 +367,29 @@ def test_default_selectors_select_real_cases(selected, stage, expected):
 def test_kernel_selector_selects_only_cuda_cases(selected):
     rc, ids = selected["KERNELS"]
     assert rc == 0 and len(ids) == 4 * 3 * 3 and all("cuda-" in i for i in ids), ids
+
+
+def test_checkout_records_commit_and_dirty_tree(tmp_path, monkeypatch):
+    """A rehearsal or device result names the commit it ran on and whether tracked files were
+    edited: from git when the checkout has it, else from the caller's environment (the device
+    gets a copy of the working tree that may lack .git)."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "tracked.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    for var in ("GPU_CHECK_COMMIT", "GPU_CHECK_TREE_CLEAN"):
+        monkeypatch.delenv(var, raising=False)
+    assert gpu_summary.checkout(repo) == {"commit": head, "tree_clean": True, "changed": [], "source": "git"}
+    (repo / "bench" / "tracked.py").write_text("x = 2\n")
+    (repo / "bench" / "results.json").write_text("{}")   # untracked output does not make the tree dirty
+    got = gpu_summary.checkout(repo)
+    assert got["commit"] == head and got["tree_clean"] is False and got["changed"] == ["bench/tracked.py"]
+    shutil.rmtree(repo / ".git")
+    assert gpu_summary.checkout(repo)["commit"] is None and gpu_summary.checkout(repo)["tree_clean"] is None
+    monkeypatch.setenv("GPU_CHECK_COMMIT", head)
+    monkeypatch.setenv("GPU_CHECK_TREE_CLEAN", "1")
+    assert gpu_summary.checkout(repo) == {"commit": head, "tree_clean": True, "changed": [], "source": "environment"}
