@@ -157,12 +157,27 @@ def generator_phase(ctx: PhaseContext, draws: PhaseDraws):
     `ctx.fake_score_view` evaluates the fake score with its weights frozen (denoisers.FrozenFakeScore),
     so the backward through it reaches x_t (and so G) but accumulates no fake-score gradients.
     `ctx.loss_fn` is the reference `losses.generator_loss` or a fused kernel with its signature."""
+    x_g = generator_sample(ctx, draws)
+    loss, stats, finite = generator_loss_of_sample(ctx, draws, x_g)
+    zero_rows_of_grad(x_g, finite)     # a non-finite row: exactly zero gradient into G
+    return loss, stats
+
+
+def generator_sample(ctx: PhaseContext, draws: PhaseDraws):
+    """x_g = G(z): the generator phase's first part (its own graph under engine.compile_phase)."""
+    return ctx.generator(draws.z, draws.cond.generator_cond)
+
+
+def generator_loss_of_sample(ctx: PhaseContext, draws: PhaseDraws, x_g):
+    """The generator phase after the sample: corruption, both score evaluations with CFG, the loss,
+    its non-finite-row mask and statistics -> (loss, stats, finite rows). The mask's gradient hook
+    stays outside (generator_phase): it is known only after this forward, and Dynamo cannot place
+    a hook registered late on an intermediate of its own graph (torch 2.11's Inductor rejects the
+    graph it builds: "used before it has been defined")."""
     c, schedule = draws.cond, ctx.schedule
-    x_g = ctx.generator(draws.z, c.generator_cond)
     x_t = schedule.add_noise(x_g, draws.noise, draws.t)
     y_fake = ctx.fake_score_view.x0(x_t, draws.t, c.fake_cond, c.fake_uncond, ctx.guidance_fake)
     y_real = ctx.teacher.x0(x_t, draws.t, c.teacher_cond, c.teacher_uncond, ctx.guidance_real)
     per_row = ctx.loss_fn(x_g, y_real, y_fake, ctx.alpha)
     loss, finite = masked_weighted_sum(per_row, draws.coef, ctx.denom)
-    zero_rows_of_grad(x_g, finite)     # a non-finite row: exactly zero gradient into G
-    return loss, phase_stats(per_row, c, ctx.n_targets)
+    return loss, phase_stats(per_row, c, ctx.n_targets), finite

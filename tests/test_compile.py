@@ -118,7 +118,8 @@ def test_compiled_phase_equals_eager(tmp_path, sd_dir, monkeypatch):
                for d in (fused.teacher, fused.fake_score, fused.generator.denoiser))
     counters.clear()
     a, b = _losses(eager), _losses(fused)
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one per phase
+    # fake score phase 1, generator phase 2 (its sample, then the rest: accelerate.compile_phases)
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
     assert not counters["graph_break"] and not counters["recompiles"]
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 

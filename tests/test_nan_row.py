@@ -125,3 +125,33 @@ def test_trainer_applies_the_update_of_the_other_rows(tmp_path):
     after = list(poisoned.generator.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_compiled_phase_keeps_the_row_gate(monkeypatch):
+    """engine.compile_phase: the generator phase compiled (sample, then the rest, joined by the row
+    gate in eager code, accelerate.compile_phases) gives the update without the NaN row, as eager does.
+    aot_eager runs the same aten ops as eager (tolerance as above)."""
+    from types import SimpleNamespace
+
+    from sfd_fast import engine
+    from sfd_fast.engine.accelerate import compile_phases
+    from sfd_fast.losses import generator_loss
+    from sfd_fast.step import PhaseContext, fake_score_phase, generator_phase
+
+    monkeypatch.setenv(engine.COMPILE_BACKEND_ENV, "aot_eager")
+    _, compiled = compile_phases(fake_score_phase, generator_phase,
+                                 SimpleNamespace(compile_phase=True, compile_mode="default"))
+    assert compiled is not generator_phase
+    teacher, fake, gen = _nets(1)
+    draws, row, denom = _draws(5, 3, 1), 6, 5.0
+    ctx = PhaseContext(gen, None, FrozenView(fake), BlowsUpOnRow(teacher, row), fake.schedule, 1.2, 1.0, 1.0,
+                       1.0, denom, generator_loss, 1)
+    gen.zero_grad(set_to_none=True)
+    loss, stats = compiled(ctx, draws)
+    loss.backward()
+    got = [p.grad.clone() for p in gen.parameters()]
+    want, loss_without, _ = _generator_grads(gen, fake, teacher, _slice(draws, [i for i in range(8) if i != row]),
+                                             denom)
+    assert stats[:, 2].sum().item() == 1.0
+    torch.testing.assert_close(loss, loss_without, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(got, want)

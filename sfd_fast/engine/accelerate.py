@@ -134,17 +134,30 @@ def compile_networks(denoisers, engine_cfg, backend: str | None = None) -> list[
 
 
 def compile_phases(fake_score_phase, generator_phase, engine_cfg, backend: str | None = None):
-    """(fake_score_phase, generator_phase), each compiled as ONE region when `engine.compile_phase`:
-    the generator sample, the noise corruption, the score evaluations with CFG (both networks in
-    the generator phase) and the SFD loss with its masking and statistics in one graph per phase
-    (the design's fusion, ARCHITECTURE.md). fullgraph=True and dynamic=False as for the networks.
-    Returns the plain functions when off. The networks must not be compiled separately then."""
+    """(fake_score_phase, generator_phase), compiled by phase when `engine.compile_phase`: the fake
+    score phase as ONE region (generator sample, noise corruption, fake-score evaluation with CFG, the
+    loss with its masking and statistics); the generator phase as two (the sample x_g = G(z), then
+    everything after it: corruption, both score evaluations with CFG, the SFD loss, its masking and
+    statistics), joined in eager code by the hook that zeroes the gradient of non-finite rows at x_g
+    (step.zero_rows_of_grad): that hook is known only after the forward, and a hook registered late
+    on an intermediate of a compiled graph is mis-ordered by Dynamo (torch 2.11's Inductor refuses
+    the graph). fullgraph=True and dynamic=False as for the networks. Returns the plain functions when
+    off. The networks must not be compiled separately then."""
     if not getattr(engine_cfg, "compile_phase", False):
         return fake_score_phase, generator_phase
+    from ..step import generator_sample, generator_loss_of_sample, zero_rows_of_grad
+
     backend = _compile_backend(backend)
     kwargs = dict(backend=backend, dynamic=False, fullgraph=True, **_compile_kwargs(engine_cfg, backend))
-    log.info("engine.compile_phase: each phase compiled as one region (%s)", kwargs)
-    return torch.compile(fake_score_phase, **kwargs), torch.compile(generator_phase, **kwargs)
+    log.info("engine.compile_phase: each phase compiled by regions (fake score 1, generator 2) (%s)", kwargs)
+    sample, rest = torch.compile(generator_sample, **kwargs), torch.compile(generator_loss_of_sample, **kwargs)
+
+    def compiled_generator_phase(ctx, draws):
+        x_g = sample(ctx, draws)
+        loss, stats, finite = rest(ctx, draws, x_g)
+        zero_rows_of_grad(x_g, finite)
+        return loss, stats
+    return torch.compile(fake_score_phase, **kwargs), compiled_generator_phase
 
 
 # cuBLAS picks a reduction split per call unless its workspace is fixed; this value is the one the
