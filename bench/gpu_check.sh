@@ -137,6 +137,10 @@ if [ $REHEARSE -eq 1 ]; then
     # one thread per process: on a shared CPU, OpenMP threads spinning against other jobs made the
     # tiny SD step ~6x slower with 2 threads than with 1 (measured here under a load of 14)
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+    # Inductor's CPU backend builds its generated C++ with g++ -O3, the bulk of a cold compile here;
+    # -O0 (TORCHINDUCTOR_DEBUG_COMPILE) builds the same generated code several times faster. The device
+    # generates Triton instead, so nothing the device runs is changed by this.
+    export TORCHINDUCTOR_DEBUG_COMPILE="${TORCHINDUCTOR_DEBUG_COMPILE:-1}"
     log "REHEARSAL on CPU with $PY: tiny configurations, budgets x$X; not performance figures"
 else
     export TRITON_INTERPRET=0                          # native kernels (tests/conftest.py defaults it to 1)
