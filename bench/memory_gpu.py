@@ -81,13 +81,16 @@ def measure_config(out: Path, steps: int, tiny: bool, work: Path, extra=()) -> d
 
     pretrained = f"tiny:{work / 'tiny_sd'}" if tiny else str(write_sd15_random(work / "sd15_random"))
     device_name = "cpu" if tiny else "cuda"
-    cfg = load_config(str(CONFIG), OVERRIDES + [f"model.pretrained={pretrained}", f"run.device={device_name}",
-                                                f"run.root={work / 'runs'}", *extra])
+    # tiny: 128 px (16x16 latents, as the step benchmark's tiny SD): at the config's 512 px the tiny UNet
+    # attends over 64x64 = 4096 latent tokens, and CPU bf16 attention backward made a step 80-110 s
+    size = ["prompts.resolution=128"] if tiny else []
+    cfg = load_config(str(CONFIG), OVERRIDES + size + [f"model.pretrained={pretrained}", f"run.device={device_name}",
+                                                       f"run.root={work / 'runs'}", *extra])
     preflight(cfg)  # deepspeed / bitsandbytes missing: a clear error before anything is built
     device = init_distributed(cfg)
     result = {"configuration": "ZeRO-2 (world 1) + 8-bit Adam + activation checkpointing, bf16, "
                                "micro-batch 1 remain + 1 forget, 2 micro-batches per step",
-              "overrides": OVERRIDES + list(extra), "weights": "tiny random pipeline" if tiny else "SD1.5 architecture, random",
+              "overrides": OVERRIDES + size + list(extra), "weights": "tiny random pipeline" if tiny else "SD1.5 architecture, random",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "steps": 0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
