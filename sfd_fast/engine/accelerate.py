@@ -142,7 +142,9 @@ def compile_phases(fake_score_phase, generator_phase, engine_cfg, backend: str |
     (step.zero_rows_of_grad): that hook is known only after the forward, and a hook registered late
     on an intermediate of a compiled graph is mis-ordered by Dynamo (torch 2.11's Inductor refuses
     the graph). fullgraph=True and dynamic=False as for the networks. Returns the plain functions when
-    off. The networks must not be compiled separately then."""
+    off. When on, the generator phase returned is built from step.generator_sample and
+    step.generator_loss_of_sample (the parts of step.generator_phase), not from the function passed in.
+    The networks must not be compiled separately then."""
     if not getattr(engine_cfg, "compile_phase", False):
         return fake_score_phase, generator_phase
     from ..step import generator_sample, generator_loss_of_sample, zero_rows_of_grad
