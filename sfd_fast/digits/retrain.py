@@ -32,6 +32,9 @@ def retrain_config(cfg, teacher_path: Path) -> dict:
     d["eval"]["attacks"]["enabled"] = False      # never attack inside the reference's own run
     d["eval"]["attacks"]["during"] = False
     d["train"]["progress"] = False
+    # the plain recipe: training against a search for a class the teacher never knew says nothing, and
+    # the cache key leaves train.adversarial out, so the reference must not depend on it
+    d["train"]["adversarial"] |= {"share": 0.0, "remain_share": 0.0}
     return d
 
 

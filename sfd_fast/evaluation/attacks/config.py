@@ -75,19 +75,30 @@ class AttacksConfig:
 
 @dataclass
 class AdversarialTrainingConfig:
-    """train.adversarial: part of the forget rows' noise from a short noise search against the current
+    """train.adversarial: part of the rows' noise from a short noise search against the current
     generator (evaluation/attacks/adversarial.py); digits, plain backend. share 0 = off."""
-    share: float = 0.0                # of each generator phase's forget rows
+    share: float = 0.0                # of each phase's forget rows
     steps: int = 5
     step_size: float = 0.1            # as eval.attacks.noise
     radius: float = 0.3
+    remain_share: float = 0.0         # of each phase's remain rows, searched towards a forgotten class too
+    phases: str = "generator"         # "generator", or "both": the fake score also learns searched samples
+
+
+ADVERSARIAL_PHASES = ("generator", "both")
 
 
 def validate_adversarial(a: AdversarialTrainingConfig, bad, kind: str, backend: str) -> None:
     p = "train.adversarial"
     if not 0 <= a.share <= 1:
         bad(f"{p}.share", f"must be in [0, 1] (0 = off), got {a.share}")
+    if not 0 <= a.remain_share <= 1:
+        bad(f"{p}.remain_share", f"must be in [0, 1] (0 = forget rows only), got {a.remain_share}")
+    if a.phases not in ADVERSARIAL_PHASES:
+        bad(f"{p}.phases", f"must be one of {list(ADVERSARIAL_PHASES)}, got {a.phases!r}")
     if a.share == 0:
+        if a.remain_share > 0:
+            bad(f"{p}.remain_share", "searches remain rows alongside the forget rows: set train.adversarial.share > 0 too")
         return
     if kind != "digits" or backend != "plain":
         bad(f"{p}.share", f"is built for digits runs on the plain backend; this is a {kind!r} run on {backend!r}")
