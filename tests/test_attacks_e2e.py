@@ -63,6 +63,13 @@ def test_attacks_at_the_end_of_a_run_and_again_from_the_cli(tmp_path):
               "eval.attacks.relearn.enabled=false"])
     narrow = json.loads((run_dir / "attacks.json").read_text())["per_class"]["0"]
     assert set(narrow) == {"noise"} and set(narrow["noise"]["references"]) == {"label 1 (override)"}
+    # another surrogate seed: another surrogate (cached beside the first), named in attacks.json
+    cli_main(["attack", str(run_dir), "--set", "eval.attacks.surrogate_seed_offset=202",
+              "eval.attacks.references=[\"labels\"]", "eval.attacks.condition.enabled=false",
+              "eval.attacks.relearn.enabled=false"])
+    other = json.loads((run_dir / "attacks.json").read_text())
+    assert len(list(cache.glob("digits-surrogate-*.safetensors"))) == 2
+    assert other["surrogate"].startswith("digits CNN, seed +202") and full["surrogate"].startswith("digits CNN, seed +101")
 
 
 @pytest.mark.parametrize("setting, key", [

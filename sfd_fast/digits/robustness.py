@@ -23,7 +23,7 @@ from ..conditions import forget_targets
 from ..denoisers import ClassCondDenoiser
 from ..generator import OneStepGenerator
 from .pretrain import get_digits_classifier
-from .surrogate import SURROGATE_SEED_OFFSET, get_surrogate
+from .surrogate import get_surrogate
 
 log = logging.getLogger("sfd_fast")
 
@@ -68,8 +68,14 @@ def attack_parts(cfg, run_dir: Path, device, references: list):
                        surrogate=surrogate.to(device), sample_shape=(1, 8, 8), num_classes=cfg.sfd.num_classes,
                        forget=forget, overrides=overrides, teacher_samples=teacher_samples,
                        meta={"judge": f"digits MLP classifier (held-out accuracy {judge_meta['heldout_accuracy']:.3f})",
-                             "surrogate": f"digits CNN, seed +{SURROGATE_SEED_OFFSET} (held-out accuracy "
+                             "surrogate": f"digits CNN, {_surrogate_origin(cfg)} (held-out accuracy "
                                           f"{sur_meta.get('heldout_accuracy', float('nan')):.3f})"})
+
+
+def _surrogate_origin(cfg) -> str:
+    if cfg.eval.attacks.surrogate == "auto":
+        return f"seed +{cfg.eval.attacks.surrogate_seed_offset}"
+    return f"from {cfg.eval.attacks.surrogate}"
 
 
 def run_attacks(cfg, run_dir: Path, device) -> dict:

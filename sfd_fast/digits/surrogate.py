@@ -17,7 +17,6 @@ from .data import load_digits_tensors, train_test_split
 from .pretrain import _bar, _key
 
 log = logging.getLogger("sfd_fast")
-SURROGATE_SEED_OFFSET = 101
 
 
 class DigitsSurrogateCNN(nn.Module):
@@ -33,15 +32,20 @@ class DigitsSurrogateCNN(nn.Module):
         return self.head(self.body(x))
 
 
+def surrogate_seed(cfg) -> int:
+    """The "auto" surrogate's training seed: run.seed + eval.attacks.surrogate_seed_offset."""
+    return cfg.run.seed + cfg.eval.attacks.surrogate_seed_offset
+
+
 def surrogate_cache_path(cfg) -> Path:
-    key = _key({"epochs": cfg.pretrain.classifier_epochs, "seed": cfg.run.seed + SURROGATE_SEED_OFFSET,
+    key = _key({"epochs": cfg.pretrain.classifier_epochs, "seed": surrogate_seed(cfg),
                 "arch": "cnn16-32", "v": 1})
     return Path(cfg.run.root) / "cache" / f"digits-surrogate-{key}.safetensors"
 
 
 def train_surrogate(cfg, out: Path) -> float:
     """The surrogate on the same 75% split as the judge (its own seed); returns held-out accuracy."""
-    seed = cfg.run.seed + SURROGATE_SEED_OFFSET
+    seed = surrogate_seed(cfg)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x, y = load_digits_tensors()

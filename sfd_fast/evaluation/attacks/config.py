@@ -67,6 +67,8 @@ class AttacksConfig:
     other_labels: int = 3             # "labels": the override first, then up to N more remaining labels
     surrogate: str = "auto"           # digits: "auto" = a second classifier (other seed and architecture),
                                       # cached; or a safetensors file of that surrogate
+    surrogate_seed_offset: int = 101  # "auto": the CNN is trained with seed run.seed + this (another offset
+                                      # = another surrogate: attack with one that training never saw)
     noise: NoiseAttackConfig = field(default_factory=NoiseAttackConfig)
     condition: ConditionAttackConfig = field(default_factory=ConditionAttackConfig)
     relearn: RelearnAttackConfig = field(default_factory=RelearnAttackConfig)
