@@ -13,7 +13,8 @@ import torch
 
 SETTINGS = {
     "off": [],
-    "forget25_generator": ["train.adversarial.share=0.25"],
+    "forget25_generator": ["train.adversarial.share=0.25", "train.adversarial.phases=generator"],
+    "forget25_both": ["train.adversarial.share=0.25", "train.adversarial.phases=both"],
     "forget25_remain25_both": ["train.adversarial.share=0.25", "train.adversarial.remain_share=0.25",
                                "train.adversarial.phases=both"],
 }

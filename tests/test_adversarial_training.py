@@ -36,7 +36,7 @@ def test_rows_are_the_first_share_of_the_forget_rows():
 
 
 def test_generator_draws_carry_searched_forget_noise_within_budget(tmp_path):
-    cfg, trainer, surrogate = _trainer(tmp_path)
+    cfg, trainer, surrogate = _trainer(tmp_path, extra=["train.adversarial.phases=generator"])
     state = trainer.rng.get_state()
     plain = trainer.backend.draw("generator", 1.0, 1.0)
     plain_fake = trainer.backend.draw("fake_score", 1.0, 1.0)
@@ -59,7 +59,7 @@ def test_adversarial_training_steps_replay_exactly(tmp_path):
     weights = []
     for i in range(2):
         (tmp_path / str(i)).mkdir()
-        cfg, trainer, surrogate = _trainer(tmp_path / str(i))
+        cfg, trainer, surrogate = _trainer(tmp_path / str(i), extra=["train.adversarial.phases=generator"])
         install_adversarial_noise(trainer, copy.deepcopy(surrogate), cfg.train.adversarial)
         for _ in range(2):
             trainer.train_step()
@@ -114,6 +114,11 @@ def test_remain_share_and_phases(tmp_path, phases):
         assert torch.equal(new.cond.generator_cond, old.cond.generator_cond)
     if phases == "generator":
         assert torch.equal(adv_fake.z, plain_fake.z)
+
+
+def test_both_phases_is_the_default():
+    from sfd_fast.evaluation.attacks.config import AdversarialTrainingConfig
+    assert AdversarialTrainingConfig().phases == "both"
 
 
 def test_remain_rows_move_towards_the_forgotten_class(tmp_path):
