@@ -78,6 +78,8 @@ def test_attacks_at_the_end_of_a_run_and_again_from_the_cli(tmp_path):
     ("eval.attacks.relearn.check_every=500", "eval.attacks.relearn.check_every"),
     ("eval.attacks.condition.step_size=-1", "eval.attacks.condition.step_size"),
     ("eval.attacks.samples=0", "eval.attacks.samples"),
+    ("eval.attacks.surrogate_seed_offset=-1", "eval.attacks.surrogate_seed_offset"),
+    ("eval.attacks.surrogate_seed_offset=\"other\"", "eval.attacks.surrogate_seed_offset"),
     ("eval.attacks.noise.steps=\"many\"", "eval.attacks.noise.steps"),
     ("eval.attacks.relearn.epochs=3", "eval.attacks.relearn.epochs"),
     ("sfd.forget_class=3", "only eval.attacks"),

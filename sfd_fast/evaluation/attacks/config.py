@@ -128,6 +128,9 @@ def validate_attacks(a: AttacksConfig, bad, kind: str, eval_every: int = 0) -> N
         bad(f"{p}.during", f"is built for digits runs only; this is a {kind!r} run")
     if a.other_labels < 0:
         bad(f"{p}.other_labels", f"must be >= 0, got {a.other_labels}")
+    if a.surrogate_seed_offset < 0:
+        bad(f"{p}.surrogate_seed_offset", f"must be >= 0 (the surrogate's seed is run.seed + this), "
+            f"got {a.surrogate_seed_offset}")
     unknown = [r for r in a.references if r not in REFERENCES]
     if unknown or len(set(a.references)) != len(a.references):
         bad(f"{p}.references", f"must be distinct names from {list(REFERENCES)}, got {a.references}")
